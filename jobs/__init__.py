@@ -1,0 +1,1 @@
+"""The user's door: the ``mmcurate`` CLI and (later) cluster submission and scheduling."""

@@ -1,0 +1,122 @@
+"""``mmcurate``: run, plan and demo pipelines.
+
+Config and systemic errors exit non-zero with one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipelines.errors import MmcurateError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Curate image-text data for pretraining, on Ray Data.")
+logger = logging.getLogger("mmcurate")
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"mmcurate: error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def print_summary(summary) -> None:
+    d = summary.to_dict()
+    typer.echo("")
+    typer.echo(f"run {d['run_id']}  pipeline={d['pipeline']}  config={d['config_hash']}")
+    s = d["shards"]
+    typer.echo(f"shards: {s['found']} found, {s['skipped_committed']} already committed, {s['committed']} committed now")
+    typer.echo(f"rows:   {d['rows_in']} in, {d['kept']} kept, {d['rejected']} rejected "
+               f"({d['rows_per_s']:.1f} rows/s over {d['elapsed_s']:.1f}s)")
+    for reason, n in d["rejected_by_reason"].items():
+        typer.echo(f"        {n:>8}  {reason}")
+    for shard, damage in d["damaged_shards"].items():
+        typer.echo(f"damaged shard {shard}: {damage}")
+
+
+@app.command()
+def run(config: Path = typer.Argument(..., help="pipeline YAML"),
+        set_: Optional[list[str]] = typer.Option(None, "--set", help="override: dotted.key=YAML value"),
+        log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING")) -> None:
+    """Run a pipeline (local Ray unless ray.address is set); committed shards are skipped."""
+    _setup_logging(log_level)
+    from pipelines import config as config_mod
+    from pipelines.runner import run as run_pipeline
+
+    cfg = config_mod.load(config, set_ or [])
+    summary = run_pipeline(cfg)
+    print_summary(summary)
+
+
+@app.command()
+def plan(config: Path = typer.Argument(..., help="pipeline YAML"),
+         set_: Optional[list[str]] = typer.Option(None, "--set", help="override: dotted.key=YAML value"),
+         as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
+    """Dry run without Ray: shards found, committed and pending; operators and resources."""
+    _setup_logging("WARNING")
+    from pipelines import config as config_mod
+    from pipelines.plan import make_plan
+
+    cfg = config_mod.load(config, set_ or [])
+    desc = make_plan(cfg).describe()
+    if as_json:
+        typer.echo(json.dumps(desc, indent=1))
+        return
+    typer.echo(f"pipeline {cfg.name}: input {cfg.input.format} -> output {cfg.output.path}")
+    typer.echo(f"shards: {desc['shards_found']} found, {desc['shards_committed']} committed, "
+               f"{desc['shards_pending']} pending")
+    for shard in desc["pending"][:10]:
+        typer.echo(f"  pending {shard}")
+    if len(desc["pending"]) > 10:
+        typer.echo(f"  ... and {len(desc['pending']) - 10} more")
+    typer.echo("operators:")
+    for op in desc["operators"]:
+        pool = f"actors {op['min_actors']}..{op['max_actors']}" if op["max_actors"] else "tasks"
+        typer.echo(f"  {op['name']:<18} {op['class']:<24} cpus={op['num_cpus']:g} gpus={op['num_gpus']:g} "
+                   f"batch={op['batch_size']} {pool}")
+
+
+@app.command()
+def demo(output: Path = typer.Option(Path("mmcurate-demo"), "--output", help="folder for shards and results"),
+         shards: int = typer.Option(4, help="number of sample shards to generate"),
+         samples: int = typer.Option(32, help="good samples per shard"),
+         log_level: str = typer.Option("INFO")) -> None:
+    """Generate sample shards (with some deliberately bad samples) and run conf/pipelines/demo.yaml."""
+    _setup_logging(log_level)
+    from jobs.demo import run_demo
+
+    summary, out = run_demo(output, shards=shards, samples=samples)
+    print_summary(summary)
+    typer.echo(f"\nenriched Parquet: {out}/data   rejects: {out}/rejected   ledger: {out}/_mmcurate/ledger")
+
+
+def main() -> None:
+    """Console entry point: one-line errors for config and systemic faults."""
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    try:
+        app()
+    except MmcurateError as exc:
+        typer.echo(f"mmcurate: error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("mmcurate: interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

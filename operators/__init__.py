@@ -1,0 +1,8 @@
+"""mmcurate operators, one class each, in folders by role.
+
+Importing this package registers every built-in operator with :data:`operators.base.registry`.
+"""
+
+from operators import base  # noqa: F401
+from operators.image import decode  # noqa: F401
+from operators.filters import row_filters  # noqa: F401

@@ -1,0 +1,129 @@
+"""Decode, validate and optionally resize / re-encode images (CPU)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from typing import Literal
+
+import pyarrow as pa
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from pydantic import Field
+
+from operators.base import Operator, OperatorConfig, Resources, pending_mask, register, set_column, with_rejects
+from operators.image.pixels import to_rgb
+from operators.schema import IMAGE_TYPE
+
+logger = logging.getLogger(__name__)
+
+# Pillow's own default bomb threshold (MAX_IMAGE_PIXELS): ~89.5 megapixels, a 1 GB RGBA buffer.
+DEFAULT_MAX_PIXELS = 89_478_485
+# Modes stored as they are; anything else is re-encoded to 8-bit RGB when normalize is on.
+PLAIN_MODES = ("RGB", "L")
+_EXIF_ORIENTATION = 0x0112
+
+
+class DecodeConfig(OperatorConfig):
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="reject images with more pixels")
+    normalize: bool = Field(True, description="re-encode CMYK/palette/alpha/16-bit/rotated images as upright 8-bit RGB")
+    resize_max_side: int | None = Field(None, ge=8, description="downscale so the longer side is at most this")
+    reencode_format: Literal["jpeg", "png", "webp"] | None = Field(
+        None, description="re-encode every stored image to this format (default: only when changed)")
+    quality: int = Field(90, ge=1, le=100)
+    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5, batch_size=64))
+
+
+@register
+class ImageDecoder(Operator):
+    """Decodes every pending image once to validate it and measure it.
+
+    Input columns: ``image`` (struct{bytes, path}), ``reject_reason``.
+    Output columns: ``width``, ``height`` (int32, after EXIF transpose), ``format`` (stored
+    format, lower case); ``image`` is replaced only when the image is normalised, resized or
+    re-encoded. ``sha256`` keeps the digest of the source bytes.
+    Resources: a CPU task pool (``resources``).
+    Failure behaviour: ``decode:empty_image`` (zero bytes), ``decode:not_an_image``,
+    ``decode:truncated``, ``decode:too_many_pixels`` (checked from the header, before any
+    pixel is decoded), ``decode:corrupt`` (any other decoder error). Never raises on data.
+    """
+
+    name = "decode"
+    Config = DecodeConfig
+    input_columns = ("image",)
+    output_columns = ("width", "height", "format")
+
+    def __init__(self, config: DecodeConfig):
+        super().__init__(config)
+        # Our own max_pixels check replaces Pillow's global guard, which raises or warns.
+        Image.MAX_IMAGE_PIXELS = None
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        pending = pending_mask(batch)
+        images = batch["image"].to_pylist()
+        widths, heights, formats, reasons = [], [], [], []
+        changed = False
+        for i, img in enumerate(images):
+            w = h = fmt = reason = None
+            if pending[i]:
+                data = (img or {}).get("bytes")
+                out, w, h, fmt, reason = self._one(data or b"")
+                if out is not None:
+                    images[i] = {"bytes": out, "path": img.get("path")}
+                    changed = True
+            widths.append(w)
+            heights.append(h)
+            formats.append(fmt)
+            reasons.append(reason and f"{self.name}:{reason}")
+        out = batch
+        if changed:
+            out = set_column(out, "image", pa.array(images, type=IMAGE_TYPE))
+        out = set_column(out, "width", widths, pa.int32())
+        out = set_column(out, "height", heights, pa.int32())
+        out = set_column(out, "format", formats, pa.string())
+        return with_rejects(out, reasons)
+
+    def _one(self, data: bytes) -> tuple[bytes | None, int | None, int | None, str | None, str | None]:
+        """(new bytes or None, width, height, format, reject reason) for one image."""
+        cfg: DecodeConfig = self.config
+        if not data:
+            return None, None, None, None, "empty_image"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img = Image.open(io.BytesIO(data))
+                src_format = (img.format or "").lower()
+                if img.width * img.height > cfg.max_pixels:
+                    return None, None, None, None, "too_many_pixels"
+                img.load()
+        except UnidentifiedImageError:
+            return None, None, None, None, "not_an_image"
+        except (OSError, SyntaxError, ValueError) as exc:
+            msg = str(exc).lower()
+            if "truncated" in msg or "premature" in msg or "end of" in msg or "broken data stream" in msg:
+                return None, None, None, None, "truncated"
+            return None, None, None, None, "corrupt"
+        except Exception:  # noqa: BLE001 - any decoder fault on one image is that row's problem
+            return None, None, None, None, "corrupt"
+        try:
+            rotated = img.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None)
+            upright = ImageOps.exif_transpose(img) if rotated else img
+            needs_norm = cfg.normalize and (rotated or img.mode not in PLAIN_MODES)
+            too_big = cfg.resize_max_side is not None and max(upright.size) > cfg.resize_max_side
+            target = cfg.reencode_format or (src_format if needs_norm or too_big else None)
+            if target is None:
+                return None, upright.width, upright.height, src_format, None
+            out_img = to_rgb(upright) if (cfg.normalize or target == "jpeg") else upright
+            if too_big:
+                out_img = out_img.copy()
+                out_img.thumbnail((cfg.resize_max_side, cfg.resize_max_side), Image.Resampling.LANCZOS)
+            fmt = target if target in ("jpeg", "png", "webp") else "jpeg"
+            buf = io.BytesIO()
+            save_kw = {"quality": cfg.quality} if fmt in ("jpeg", "webp") else {"optimize": False}
+            if fmt == "jpeg" and out_img.mode not in ("RGB", "L"):
+                out_img = to_rgb(out_img)
+            out_img.save(buf, format=fmt.upper(), **save_kw)
+            return buf.getvalue(), out_img.width, out_img.height, fmt, None
+        except Exception:  # noqa: BLE001
+            return None, None, None, None, "corrupt"

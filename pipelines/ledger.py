@@ -1,0 +1,149 @@
+"""The ledger and publish step of the exactly-once commit loop.
+
+A shard is committed when its ledger record exists; nothing else counts. Publishing moves
+a shard's staged files to their final names (rename locally, copy+delete on S3) and writes
+the ledger record last. A rerun skips committed shards and first deletes every staged or
+published file of the shards it is about to redo, so a kill at any moment followed by a
+rerun yields exactly the rows of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.errors import AccountingError
+from pipelines.layout import KINDS, LEDGER, STAGING, shard_tag, tag_of_file
+from pipelines.storage import filesystem, is_local, join, retry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardProgress:
+    """What the driver has heard about one shard from the writer's file records."""
+
+    shard: str
+    rows: int = 0
+    rows_in: int | None = None
+    damage: str | None = None
+    files: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    counts: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self.rows += rec["rows"]
+        self.files[rec["kind"]].append(rec["path"])
+        self.counts[rec["kind"]] += rec["rows"]
+        self.reasons.update(json.loads(rec["reasons"] or "{}"))
+        if rec.get("shard_rows") is not None:
+            self.rows_in = rec["shard_rows"]
+        if rec.get("shard_damage"):
+            self.damage = rec["shard_damage"]
+
+    @property
+    def complete(self) -> bool:
+        if self.rows_in is not None and self.rows > self.rows_in:
+            raise AccountingError(
+                f"shard {self.shard}: {self.rows} rows written but the reader counted {self.rows_in} "
+                "(a task was retried after emitting rows); rerun to redo this shard")
+        return self.rows_in is not None and self.rows == self.rows_in
+
+
+class Ledger:
+    """Reads and writes ``OUT/_mmcurate/ledger`` and moves files out of staging."""
+
+    def __init__(self, output_path: str, storage_options: dict[str, Any] | None = None):
+        self.fs, self.root = filesystem(output_path, storage_options or {})
+        self._local = is_local(self.fs)
+
+    def _p(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    def _ls(self, path: str) -> list[str]:
+        try:
+            return [p if isinstance(p, str) else p["name"] for p in self.fs.ls(path, detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def committed_tags(self) -> set[str]:
+        self.fs.invalidate_cache()
+        return {p.rsplit("/", 1)[-1][: -len(".json")] for p in self._ls(self._p(LEDGER)) if p.endswith(".json")}
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every ledger record (reads one small JSON per committed shard)."""
+        out = []
+        for p in sorted(self._ls(self._p(LEDGER))):
+            if p.endswith(".json"):
+                with self.fs.open(p, "rb") as f:
+                    out.append(json.load(f))
+        return out
+
+    def prepare(self, pending: list[str]) -> int:
+        """Delete staged and published files of shards about to be (re)done. Returns files removed."""
+        tags = {shard_tag(s) for s in pending}
+        removed = 0
+        for kind in KINDS:
+            for p in self._ls(self._p(kind)):
+                if tag_of_file(p) in tags:
+                    retry(lambda p=p: self.fs.rm(p), f"delete {p}")
+                    removed += 1
+        for p in self._ls(self._p(STAGING)):
+            if p.rstrip("/").rsplit("/", 1)[-1] in tags:
+                retry(lambda p=p: self.fs.rm(p, recursive=True), f"delete {p}")
+                removed += 1
+        if removed:
+            logger.info("removed %d leftover file(s)/folder(s) of %d pending shard(s)", removed, len(tags))
+        return removed
+
+    def commit(self, progress: ShardProgress, info: dict[str, Any]) -> dict[str, Any]:
+        """Publish a complete shard's files, then write its ledger record (last)."""
+        tag = shard_tag(progress.shard)
+        kept, rejected = progress.counts["data"], progress.counts["rejected"]
+        rows_in = progress.rows_in if progress.rows_in is not None else 0
+        if rows_in != kept + rejected:
+            raise AccountingError(f"shard {progress.shard}: rows_in={rows_in} != kept={kept} + rejected={rejected}")
+        published: dict[str, list[str]] = {}
+        for kind in KINDS:
+            published[kind] = []
+            if progress.files[kind] and self._local:
+                self.fs.makedirs(self._p(kind), exist_ok=True)
+            for seq, src in enumerate(sorted(progress.files[kind])):
+                dst = self._p(kind, f"{tag}-{seq:05d}.parquet")
+                retry(lambda s=src, d=dst: self.fs.mv(s, d), f"publish {src}")
+                published[kind].append(dst.rsplit("/", 1)[-1])
+        record = {
+            "shard": progress.shard, "tag": tag, "rows_in": rows_in, "kept": kept, "rejected": rejected,
+            "rejected_by_reason": dict(sorted(progress.reasons.items())), "damage": progress.damage,
+            "files": published, "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info,
+        }
+        self._write_json(self._p(LEDGER, f"{tag}.json"), record)
+        try:
+            self.fs.rm(self._p(STAGING, tag), recursive=True)
+        except FileNotFoundError:
+            pass
+        return record
+
+    def _write_json(self, path: str, obj: dict[str, Any]) -> None:
+        data = json.dumps(obj, indent=1, sort_keys=True).encode()
+        if self._local:
+            # Local: write then rename so a crash never leaves half a record.
+            tmp = path + ".tmp"
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, path)
+        else:  # an object PUT is atomic
+            retry(lambda: self.fs.pipe_file(path, data), f"write {path}")
+
+    def write_json(self, rel: str, obj: dict[str, Any]) -> None:
+        self._write_json(self._p(rel), obj)
+
+    def write_text(self, rel: str, text: str) -> None:
+        path = self._p(rel)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        retry(lambda: self.fs.pipe_file(path, text.encode()), f"write {path}")
