@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -105,9 +104,30 @@ def demo(output: Path = typer.Option(Path("mmcurate-demo"), "--output", help="fo
     typer.echo(f"\nenriched Parquet: {out}/data   rejects: {out}/rejected   ledger: {out}/_mmcurate/ledger")
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause of an exception chain (Ray wraps worker errors several times)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = exc.__cause__ or getattr(exc, "cause", None)
+        if not isinstance(nxt, BaseException):
+            break
+        exc = nxt
+    return exc
+
+
+def one_line(exc: BaseException) -> str:
+    """One line for any failure: our own errors verbatim, others as ``Type: first line``."""
+    cause = root_cause(exc)
+    if isinstance(cause, MmcurateError):
+        return str(cause)
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    text = lines[-1] if lines and lines[-1].startswith(cause.__class__.__name__) else (lines[0] if lines else "")
+    return f"{cause.__class__.__name__}: {text}"[:500]
+
+
 def main() -> None:
     """Console entry point: one-line errors for config and systemic faults."""
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     try:
         app()
     except MmcurateError as exc:
@@ -116,6 +136,10 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("mmcurate: interrupted; rerun the same command to resume", err=True)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - systemic faults: one line, traceback only at DEBUG
+        logger.debug("traceback", exc_info=True)
+        typer.echo(f"mmcurate: error: {one_line(exc)} (rerun with --log-level DEBUG for the traceback)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

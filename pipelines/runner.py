@@ -106,6 +106,21 @@ def file_metadata(cfg: PipelineConfig, plan: Plan, run_id: str, chash: str) -> d
             "config_hash": chash, "run_id": run_id, "models": models}
 
 
+def shard_fingerprint(shard: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Size and etag/mtime of the shard's object, recorded in its ledger record."""
+    from pipelines.storage import filesystem
+
+    url = shard.split("#", 1)[0]
+    try:
+        fs, path = filesystem(url, storage_options)
+        info = fs.info(path)
+    except Exception as exc:  # noqa: BLE001 - a fingerprint is informative, not required
+        logger.debug("no fingerprint for %s: %s", shard, exc)
+        return {"source_size": None, "source_etag": None}
+    etag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+    return {"source_size": info.get("size"), "source_etag": None if etag is None else str(etag).strip('"')}
+
+
 def run(cfg: PipelineConfig, run_id: str | None = None) -> RunSummary:
     """Process every pending shard; commit each one as soon as all its rows are written."""
     started = time.time()
@@ -131,7 +146,7 @@ def run(cfg: PipelineConfig, run_id: str | None = None) -> RunSummary:
         progress: dict[str, ShardProgress] = {}
 
         def commit(p: ShardProgress) -> None:
-            rec = ledger.commit(p, info)
+            rec = ledger.commit(p, {**info, **shard_fingerprint(p.shard, cfg.input.storage_options)})
             summary.shards_committed += 1
             summary.rows_in += rec["rows_in"]
             summary.kept += rec["kept"]
