@@ -24,8 +24,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # botocore's adaptive retry mode backs off on throttling (503 SlowDown) and 5xx errors;
-# ten attempts rides out the short brown-outs seen on busy buckets.
-S3_RETRY_CONFIG = {"retries": {"max_attempts": 10, "mode": "adaptive"}}
+# six attempts (about 20 s of backoff) ride out short brown-outs on busy buckets while an
+# unreachable endpoint still fails within a minute.
+S3_RETRY_CONFIG = {"retries": {"max_attempts": 6, "mode": "adaptive"}}
 _GLOB_CHARS = set("*?[")
 
 

@@ -74,3 +74,19 @@ def s3(s3_server, request):
                            client_kwargs={"endpoint_url": s3_server})
     yield fs, opts, name
     fs.invalidate_cache()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu`-marked tests on machines without CUDA (this one, CI)."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,117 @@
+"""The `mmcurate` command as a user runs it: subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs.sample_data import make_webdataset_shards
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def mmcurate(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONPATH=str(REPO), RAY_DATA_DISABLE_PROGRESS_BARS="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _config(tmp_path: Path, **over) -> Path:
+    cfg = {
+        "name": "cli",
+        "input": {"format": "webdataset", "paths": [str(tmp_path / "shards" / "{00000..00002}.tar")]},
+        "output": {"path": str(tmp_path / "out")},
+        "operators": [{"decode": {}}, {"min_side": {"min": 32}}],
+        "ray": {"num_cpus": 2},
+    }
+    cfg.update(over)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode != 0
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_plan_lists_pending_shards_and_operator_resources(tmp_path):
+    make_webdataset_shards(tmp_path / "shards", n_shards=3, samples_per_shard=2)
+    proc = mmcurate("plan", str(_config(tmp_path)), "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["shards_found"] == 3 and plan["shards_pending"] == 3 and plan["shards_committed"] == 0
+    assert [op["name"] for op in plan["operators"]] == ["decode", "min_side"]
+    assert plan["operators"][0]["num_cpus"] == 0.5
+    text = mmcurate("plan", str(_config(tmp_path)))
+    assert "3 found, 0 committed, 3 pending" in text.stdout
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["--set", "output.compresion=zstd"], "unknown key 'output.compresion'"),
+    (["--set", "operators.1.min_side.min=-5"], "operators[1].min_side.min=-5"),
+    (["--set", "operators=[{blur: {}}]"], "unknown operator 'blur'"),
+    (["--set", "input.format=tarball"], "input.format='tarball'"),
+    (["--set", "input.paths=[unclosed"], "not valid YAML"),
+])
+def test_bad_config_is_one_line_naming_file_key_and_value(tmp_path, override, expected):
+    path = _config(tmp_path)
+    proc = mmcurate("run", str(path), *override)
+    line = _one_error_line(proc)
+    assert proc.returncode == 2
+    assert expected in line
+    if "YAML" not in expected:
+        assert str(path) in line
+
+
+def test_missing_input_and_unreachable_bucket_are_one_line(tmp_path):
+    line = _one_error_line(mmcurate("plan", str(_config(tmp_path))))
+    assert "00000.tar" in line and "does not exist" in line
+    cfg = _config(tmp_path, input={
+        "format": "webdataset", "paths": ["s3://nobucket/wds/00000.tar"],
+        "storage_options": {"endpoint_url": f"http://127.0.0.1:{free_port()}",
+                            "config_kwargs": {"retries": {"max_attempts": 1}}}})
+    line = _one_error_line(mmcurate("plan", str(cfg)))
+    assert "s3://nobucket/wds/00000.tar" in line and "connect" in line.lower()
+
+
+@pytest.mark.slow
+def test_run_against_s3_with_aws_endpoint_url_env_and_summary(s3, tmp_path):
+    """No storage_options at all: the standard AWS chain (env credentials, AWS_ENDPOINT_URL)."""
+    fs, opts, bucket = s3
+    for p in make_webdataset_shards(tmp_path / "wds", n_shards=2, samples_per_shard=5, seed=3):
+        fs.put_file(str(p), f"{bucket}/in/{p.name}")
+    cfg = _config(tmp_path, input={"format": "webdataset", "paths": [f"s3://{bucket}/in/*.tar"]},
+                  output={"path": f"s3://{bucket}/out"})
+    proc = mmcurate("run", str(cfg), env={"AWS_ENDPOINT_URL": opts["endpoint_url"]})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "shards: 2 found, 0 already committed, 2 committed now" in proc.stdout
+    assert "rows:   18 in, 10 kept, 8 rejected" in proc.stdout
+    for reason in ("decode:truncated", "decode:not_an_image", "webdataset:missing_image", "min_side:too_small"):
+        assert reason in proc.stdout
+    fs.invalidate_cache()
+    assert len(fs.find(f"{bucket}/out/_mmcurate/ledger")) == 2
+
+
+@pytest.mark.slow
+def test_demo_from_nothing(tmp_path):
+    proc = mmcurate("demo", "--output", str(tmp_path / "demo"), "--shards", "2", "--samples", "6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "shards: 2 found" in proc.stdout
+    files = list((tmp_path / "demo" / "out" / "data").glob("*.parquet"))
+    assert files
+    assert sum(pq.read_metadata(f).num_rows for f in files) == 12
+    # Rerunning the demo resumes: nothing left to do.
+    again = mmcurate("demo", "--output", str(tmp_path / "demo"), "--shards", "2", "--samples", "6")
+    assert again.returncode == 0 and "0 committed now" in again.stdout
