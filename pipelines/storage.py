@@ -76,6 +76,9 @@ def expand_paths(patterns: Iterable[str], storage_options: dict[str, Any] | None
         StorageError: the filesystem is unreachable, or a pattern matches nothing.
     """
     urls: list[str] = []
+    # One LIST per parent folder instead of one HEAD per shard: {00000..99999} over S3
+    # would otherwise cost 100k requests before the run starts.
+    listings: dict[str, set[str]] = {}
     for pattern in patterns:
         for item in braceexpand(pattern):
             fs, path = filesystem(item, storage_options)
@@ -86,7 +89,14 @@ def expand_paths(patterns: Iterable[str], storage_options: dict[str, Any] | None
                         raise StorageError(f"input path {item!r} matches no file")
                     urls.extend(to_url(fs, m) for m in matches)
                 else:
-                    if not fs.exists(path):
+                    parent = path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else ""
+                    key = f"{fs.protocol}:{parent}"
+                    if key not in listings:
+                        try:
+                            listings[key] = {p.rstrip("/") for p in fs.ls(parent, detail=False)} if parent else set()
+                        except FileNotFoundError:
+                            listings[key] = set()
+                    if path.rstrip("/") not in listings[key] and not fs.exists(path):
                         raise StorageError(f"input path {item!r} does not exist")
                     urls.append(to_url(fs, path))
             except StorageError:
