@@ -43,6 +43,7 @@ class InputConfig(StrictModel):
     paths: list[str] = Field(min_length=1, description="URLs, brace ranges {00000..00099} and globs")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     block_rows: int = Field(256, ge=1, description="rows per block a read task emits")
+    read_concurrency: int | None = Field(None, ge=1, description="max read tasks at once (default: Ray decides)")
     # parquet
     image_column: str = "image"
     text_column: str | None = "text"

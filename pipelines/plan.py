@@ -119,8 +119,11 @@ def build_dataset(cfg: PipelineConfig, plan: Plan, run_id: str, file_meta: dict[
     from operators.writers.parquet import StagingParquetWriter
 
     reader = make_reader(cfg.input.model_dump())
+    from ray.data import TaskPoolStrategy
+
+    read_compute = TaskPoolStrategy(size=cfg.input.read_concurrency) if cfg.input.read_concurrency else None
     ds = ray.data.read_datasource(ShardDatasource(reader, plan.pending), override_num_blocks=len(plan.pending),
-                                  num_cpus=READ_NUM_CPUS)
+                                  num_cpus=READ_NUM_CPUS, compute=read_compute)
     for step in plan.steps:
         ds = lower(ds, step)
     writer = StagingParquetWriter(cfg.output.model_dump(), run_id, file_meta)

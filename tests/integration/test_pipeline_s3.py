@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,7 +24,8 @@ def _upload_shards(fs, bucket: str, tmp_path: Path) -> list[str]:
     return [p.name for p in paths]
 
 
-def test_s3_to_s3_accounting_rerun_and_no_secret_leak(ray_session, s3, tmp_path):
+def test_s3_to_s3_accounting_rerun_and_no_secret_leak(ray_session, s3, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
     fs, opts, bucket = s3
     _upload_shards(fs, bucket, tmp_path)
     out = f"s3://{bucket}/curated"
@@ -71,6 +73,12 @@ def test_s3_to_s3_accounting_rerun_and_no_secret_leak(ray_session, s3, tmp_path)
     for path in fs.find(f"{bucket}/curated"):
         blob = fs.cat_file(path)
         assert TEST_SECRET.encode() not in blob and TEST_KEY.encode() not in blob, path
+
+    # Our own loggers, even at DEBUG (the CLI keeps botocore's wire logs at WARNING).
+    ours = ("pipelines", "operators", "jobs", "mmcurate")
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith(ours))
+    assert "committed s3://" in logged  # progress was logged...
+    assert TEST_SECRET not in logged and TEST_KEY not in logged  # ...without credentials
 
     # A rerun skips every committed shard and changes nothing.
     before = sorted(fs.find(f"{bucket}/curated/data"))
