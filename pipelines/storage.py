@@ -34,7 +34,8 @@ def _with_defaults(protocol: str, storage_options: dict[str, Any]) -> dict[str, 
     opts = dict(storage_options or {})
     if protocol in ("s3", "s3a"):
         cfg = dict(opts.get("config_kwargs") or {})
-        cfg.setdefault("retries", S3_RETRY_CONFIG["retries"])
+        # a copy: botocore writes total_max_attempts into the dict it is given
+        cfg.setdefault("retries", dict(S3_RETRY_CONFIG["retries"]))
         opts["config_kwargs"] = cfg
     return opts
 
