@@ -83,6 +83,14 @@ class Ledger:
                     out.append(json.load(f))
         return out
 
+    def record(self, shard: str) -> dict[str, Any] | None:
+        """The ledger record of one shard, or None if it is not committed."""
+        try:
+            with self.fs.open(self._p(LEDGER, f"{shard_tag(shard)}.json"), "rb") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
     def prepare(self, pending: list[str]) -> int:
         """Delete staged and published files of shards about to be (re)done. Returns files removed."""
         tags = {shard_tag(s) for s in pending}

@@ -135,6 +135,11 @@ def run(cfg: PipelineConfig, run_id: str | None = None) -> RunSummary:
     ledger.write_text(f"{RUNS}/{run_id}/config.yaml", yaml.safe_dump(public_dict(cfg), sort_keys=False))
     logger.info("run %s: %d shard(s) found, %d already committed, %d pending",
                 run_id, len(plan.shards), len(plan.committed), len(plan.pending))
+    if plan.committed:
+        first = ledger.record(plan.committed[0]) or {}
+        if first.get("config_hash") not in (None, chash):
+            logger.warning("committed shards were made with config %s, this run is %s: they are skipped, not "
+                           "redone (delete OUT/_mmcurate/ledger records to redo them)", first["config_hash"], chash)
     ledger.prepare(plan.pending)
 
     if plan.pending:
