@@ -159,6 +159,9 @@ def _config_error(exc: ValidationError, data: Any, source: str, prefix: tuple) -
         msg = f"unknown key {key!r}"
     elif err["type"] == "missing":
         msg = f"missing key {key!r}"
+    elif not key:
+        # A whole-document check: its value is the entire config (storage options included).
+        msg = err["msg"].removeprefix("Value error, ")
     else:
         msg = f"{key}={value!r}: {err['msg']}"
     more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
@@ -235,15 +238,19 @@ def public_dict(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def config_hash(cfg: PipelineConfig) -> str:
-    """Hash of what decides the output rows: input reading, operators and output format.
+    """Hash of what decides the output rows: input format and columns, operators, output format.
 
-    Storage options and Ray settings are excluded: credentials must never leak into it, and
-    moving the same job to another cluster does not change its results.
+    Storage options, paths, batching and Ray settings are excluded: credentials must never
+    leak into it, a nightly run over new shards is the same job, and moving the job to another
+    cluster does not change its results.
     """
     d = cfg.model_dump(mode="json")
-    d["input"].pop("storage_options", None)
-    d["output"].pop("storage_options", None)
-    d["output"].pop("path", None)
+    # Where shards are (a nightly run sees new paths), how they are batched and how big
+    # files get do not change which rows come out or what they hold.
+    for key in ("storage_options", "paths", "block_rows", "read_concurrency"):
+        d["input"].pop(key, None)
+    for key in ("storage_options", "path", "write_batch_rows", "target_file_size_mb"):
+        d["output"].pop(key, None)
     d.pop("ray", None)
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -22,6 +22,7 @@ DEFAULT_MAX_PIXELS = 89_478_485
 # Modes stored as they are; anything else is re-encoded to 8-bit RGB when normalize is on.
 PLAIN_MODES = ("RGB", "L")
 _EXIF_ORIENTATION = 0x0112
+JPEG_ALIASES = {"mpo": "jpeg"}
 
 
 class DecodeConfig(OperatorConfig):
@@ -55,8 +56,10 @@ class ImageDecoder(Operator):
 
     def __init__(self, config: DecodeConfig):
         super().__init__(config)
-        # Our own max_pixels check replaces Pillow's global guard, which raises or warns.
-        Image.MAX_IMAGE_PIXELS = None
+        # Our max_pixels check comes first; Pillow's process-wide guard (which other operators
+        # in this worker rely on) is only raised, never switched off, so it cannot fire sooner.
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < config.max_pixels:
+            Image.MAX_IMAGE_PIXELS = config.max_pixels
         ImageFile.LOAD_TRUNCATED_IMAGES = False
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -70,7 +73,7 @@ class ImageDecoder(Operator):
                 data = (img or {}).get("bytes")
                 out, w, h, fmt, reason = self._one(data or b"")
                 if out is not None:
-                    images[i] = {"bytes": out, "path": img.get("path")}
+                    images[i] = {"bytes": out, "path": _with_extension(img.get("path"), fmt)}
                     changed = True
             widths.append(w)
             heights.append(h)
@@ -94,9 +97,14 @@ class ImageDecoder(Operator):
                 warnings.simplefilter("ignore")
                 img = Image.open(io.BytesIO(data))
                 src_format = (img.format or "").lower()
+                # Pillow reports JPEGs carrying an MPF segment (phone photos with gain maps or
+                # depth frames) as MPO; the file is a JPEG to every reader and filter.
+                src_format = JPEG_ALIASES.get(src_format, src_format)
                 if img.width * img.height > cfg.max_pixels:
                     return None, None, None, None, "too_many_pixels"
                 img.load()
+        except Image.DecompressionBombError:
+            return None, None, None, None, "too_many_pixels"
         except UnidentifiedImageError:
             return None, None, None, None, "not_an_image"
         except (OSError, SyntaxError, ValueError) as exc:
@@ -127,3 +135,16 @@ class ImageDecoder(Operator):
             return buf.getvalue(), out_img.width, out_img.height, fmt, None
         except Exception:  # noqa: BLE001
             return None, None, None, None, "corrupt"
+
+
+_EXTENSIONS = {"jpeg": (".jpg", ".jpeg"), "png": (".png",), "webp": (".webp",)}
+
+
+def _with_extension(path: str | None, fmt: str | None) -> str | None:
+    """``path`` with an extension that matches the stored format (re-encoding may change it)."""
+    if not path or fmt not in _EXTENSIONS:
+        return path
+    stem, dot, ext = path.rpartition(".")
+    if dot and "/" not in ext and f".{ext.lower()}" in _EXTENSIONS[fmt]:
+        return path
+    return f"{stem if dot and '/' not in ext else path}{_EXTENSIONS[fmt][0]}"

@@ -120,13 +120,17 @@ def decode_text(data: bytes) -> tuple[str, str | None]:
 
 
 def check_json(data: bytes | str) -> tuple[str | None, str | None]:
-    """The sidecar text untouched if it is a JSON value, else (None, reason)."""
+    """The sidecar text untouched if it is a JSON value, else (the text as a JSON string, reason).
+
+    A broken sidecar is kept (as one JSON string holding its text) so the rejected row still
+    shows what was there.
+    """
+    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
     try:
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
         json.loads(text)
         return text, None
-    except (UnicodeDecodeError, ValueError):
-        return None, "invalid_json"
+    except ValueError:
+        return json.dumps(text), "invalid_json"
 
 
 class ShardDatasource(Datasource):

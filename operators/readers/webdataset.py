@@ -59,7 +59,9 @@ class WebDatasetReader(ShardReader):
                 if isinstance(exc, (FileNotFoundError, PermissionError)):
                     raise
                 damage.message = f"tar damaged after {count} complete samples: {exc.__class__.__name__}: {exc}"
-                if group_key is not None and members:
+                # group_key is the sample being read at the cut (not yet yielded), even when
+                # the cut falls inside its first member and ``members`` is still empty.
+                if group_key is not None:
                     sample = self._sample(group_key, members)
                     sample.reject = "truncated_sample"
                     yield sample
