@@ -31,7 +31,7 @@ class ParquetReader(ShardReader):
 
     Config: ``image_column`` (struct{bytes,path} or binary), ``text_column`` and
     ``id_column`` (optional; without it the key is ``<file stem>/<row number>``).
-    Every other column goes into ``meta`` as a JSON object (binary values omitted).
+    Every other column goes into ``meta`` as a JSON object (binary values become null).
     Failure behaviour: a null or empty image -> ``parquet:missing_image``; a missing
     configured column is a config error naming the file.
     """
