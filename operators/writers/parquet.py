@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import uuid
 from collections import Counter
 from typing import Any
@@ -77,11 +76,23 @@ class StagingParquetWriter:
         return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
 
     def _chunks(self, rows: pa.Table) -> list[pa.Table]:
+        """Consecutive slices whose estimated size stays under the target (at least one row each)."""
         target = float(self.output.get("target_file_size_mb", 256)) * 1024 * 1024
-        # Image bytes are already compressed, so in-memory size is a fair upper estimate.
-        n_files = max(1, math.ceil(rows.nbytes / target))
-        step = math.ceil(rows.num_rows / n_files)
-        return [rows.slice(i, step) for i in range(0, rows.num_rows, step)]
+        if rows.nbytes <= target:
+            return [rows]
+        # Image bytes are already compressed, so their length is a fair estimate of what a row
+        # costs on disk; the other columns are spread evenly.
+        image_bytes = pc.fill_null(pc.binary_length(pc.struct_field(rows["image"], "bytes")), 0)
+        image_bytes = image_bytes.to_numpy(zero_copy_only=False).astype("float64")
+        other = max(rows.nbytes - image_bytes.sum(), 0) / rows.num_rows
+        chunks, start, size = [], 0, 0.0
+        for i, b in enumerate(image_bytes):
+            if i > start and size + b + other > target:
+                chunks.append(rows.slice(start, i - start))
+                start, size = i, 0.0
+            size += b + other
+        chunks.append(rows.slice(start))
+        return chunks
 
     def _write(self, shard: str, kind: str, rows: pa.Table) -> dict[str, Any]:
         schema = output_schema(rows.schema, self.file_meta)

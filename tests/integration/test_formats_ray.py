@@ -100,3 +100,28 @@ def test_empty_and_truncated_shards_are_committed_with_damage(ray_session, tmp_p
     assert 0 < cut["kept"] < 6
     assert str(shards / "00002.tar") in s.damaged_shards
     assert records["00000.tar"]["damage"] is None and records["00000.tar"]["kept"] == 6
+
+
+def test_target_file_size_splits_files_and_rejected_image_bytes_is_optional(ray_session, tmp_path):
+    shards = make_webdataset_shards(tmp_path / "wds", n_shards=1, samples_per_shard=30, seed=4)
+    url = "file://" + str(shards[0])  # any fsspec URL, file:// included
+    out = tmp_path / "small-files"
+    cfg = make_config([url], str(out))
+    cfg.output.target_file_size_mb = 0.2
+    cfg.output.rejected_image_bytes = True
+    s = run(cfg)
+    files = sorted((out / "data").glob("*.parquet"))
+    total = sum((f.stat().st_size for f in files))
+    assert len(files) >= 3 and total > 0.4 * 2**20
+    # no file is far over the target (compressed images: in-memory size ~ file size)
+    assert max(f.stat().st_size for f in files) < 0.3 * 2**20
+    assert sum(pq.read_metadata(f).num_rows for f in files) == s.kept == 30
+    rejected = pq.read_table(out / "rejected").to_pylist()
+    with_bytes = [r for r in rejected if r["image"] and r["image"]["bytes"]]
+    assert len(with_bytes) == 3  # truncated, not-an-image and tiny keep their bytes; no-image has none
+
+    out2 = tmp_path / "default"
+    run(make_config([url], str(out2)))
+    rejected = pq.read_table(out2 / "rejected").to_pylist()
+    assert len(rejected) == 4 and not any(r["image"] and r["image"]["bytes"] for r in rejected)
+    assert {r["image"]["path"] for r in rejected if r["image"]} == {"00000xt.jpg", "00000xn.jpg", "00000xs.png"}
