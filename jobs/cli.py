@@ -104,6 +104,11 @@ def demo(output: Path = typer.Option(Path("mmcurate-demo"), "--output", help="fo
     typer.echo(f"\nenriched Parquet: {out}/data   rejects: {out}/rejected   ledger: {out}/_mmcurate/ledger")
 
 
+from jobs.models import models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
+
+
 def root_cause(exc: BaseException) -> BaseException:
     """The innermost cause of an exception chain (Ray wraps worker errors several times)."""
     seen = set()

@@ -6,3 +6,4 @@ Importing this package registers every built-in operator with :data:`operators.b
 from operators import base  # noqa: F401
 from operators.image import decode  # noqa: F401
 from operators.filters import row_filters  # noqa: F401
+from operators.models import caption, clip, heads  # noqa: F401

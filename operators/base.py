@@ -74,6 +74,11 @@ class Operator:
         return res if isinstance(res, Resources) else Resources()
 
     @classmethod
+    def inputs(cls, config: OperatorConfig) -> tuple[str, ...]:
+        """Columns this operator reads for ``config`` (checked at plan time)."""
+        return cls.input_columns
+
+    @classmethod
     def outputs(cls, config: OperatorConfig) -> tuple[str, ...]:
         """Columns this operator adds for ``config``."""
         return cls.output_columns

@@ -237,6 +237,14 @@ def public_dict(cfg: PipelineConfig) -> dict[str, Any]:
     return redact(cfg.model_dump(mode="json"))
 
 
+def _without_key(obj: Any, key: str) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_key(v, key) for k, v in obj.items() if k != key}
+    if isinstance(obj, list):
+        return [_without_key(v, key) for v in obj]
+    return obj
+
+
 def config_hash(cfg: PipelineConfig) -> str:
     """Hash of what decides the output rows: input format and columns, operators, output format.
 
@@ -252,5 +260,6 @@ def config_hash(cfg: PipelineConfig) -> str:
     for key in ("storage_options", "path", "write_batch_rows", "target_file_size_mb"):
         d["output"].pop(key, None)
     d.pop("ray", None)
+    d = _without_key(d, "storage_options")  # model operators take them too
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -57,10 +57,10 @@ def operator_steps(cfg: PipelineConfig) -> list[OperatorStep]:
     available: set[str] = {"key", "source_shard", "image", "text", "meta", "sha256", "reject_reason"}
     for name, op_cfg in cfg.operator_specs():
         cls = registry.get(name)
-        missing = [c for c in cls.input_columns if c not in available]
+        missing = [c for c in cls.inputs(op_cfg) if c not in available]
         if missing:
             raise ConfigError(f"operator {name!r} needs column(s) {missing} that no earlier operator produces "
-                              "(put 'decode' before filters that use width/height/format)")
+                              "(order matters: decode before filters on width/height/format, clip before heads)")
         available |= set(cls.outputs(op_cfg))
         steps.append(OperatorStep(name, cls, op_cfg, cls.resources(op_cfg)))
     return steps

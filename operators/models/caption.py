@@ -1,0 +1,176 @@
+"""Re-captioning: VisionEncoderDecoder (ViT-GPT2), BLIP, and small image-text-to-text VLMs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from operators.base import register
+from operators.models.base import ModelConfig, ModelOperator, load_images, pending_rows
+from pipelines.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CaptionKind = Literal["auto", "vision_encoder_decoder", "blip", "image_text_to_text"]
+# config.json model_type -> kind, for kind: auto; anything else goes to AutoModelForImageTextToText.
+KIND_BY_MODEL_TYPE = {"vision-encoder-decoder": "vision_encoder_decoder", "blip": "blip"}
+DEFAULT_VLM_PROMPT = "Describe this image in one sentence."
+
+
+class CaptionConfig(ModelConfig):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="output column is caption_<name>")
+    kind: CaptionKind = Field("auto", description="auto: from the model's config.json model_type")
+    prompt: str | None = Field(None, description="BLIP: text the caption continues; VLM: the instruction")
+    prompt_template: str | None = Field(
+        None, description="VLM: full prompt with {prompt} (and the model's image token); default: its chat template")
+    num_beams: int = Field(1, ge=1)
+    max_new_tokens: int = Field(30, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(50, ge=0)
+    seed: int | None = Field(None, description="seed torch before each batch when sampling")
+
+
+@register
+class Captioner(ModelOperator):
+    """Writes a new caption per image; the original ``text`` column is left untouched.
+
+    Kinds: ``vision_encoder_decoder`` (e.g. nlpconnect/vit-gpt2-image-captioning: the model's
+    ``AutoImageProcessor`` and the *decoder's own* ``AutoTokenizer`` saved with it; a tokenizer
+    larger than the decoder's vocabulary is refused, which catches the GPT-2-with-BertTokenizer
+    mistake), ``blip`` (``BlipForConditionalGeneration`` + ``AutoProcessor``, optional prompt)
+    and ``image_text_to_text`` (``AutoModelForImageTextToText`` + ``AutoProcessor``, prompt via the
+    model's chat template or ``prompt_template``; only newly generated tokens are kept).
+
+    Input columns: ``image`` (validated bytes), ``reject_reason``.
+    Output columns: ``caption_<name>`` (string).
+    Resources: an actor pool (``resources``); generation options from the config.
+    Failure behaviour: rejected rows get no work and a null caption; undecodable bytes
+    ``caption_<name>:bad_image``; out of memory on one row ``caption_<name>:oom`` (batches are
+    halved first); a failing generate on one row ``caption_<name>:model_error``.
+    """
+
+    name = "caption"
+    Config = CaptionConfig
+    input_columns = ("image",)
+
+    @classmethod
+    def outputs(cls, config: CaptionConfig) -> tuple[str, ...]:
+        return (f"caption_{config.name}",)
+
+    @classmethod
+    def label(cls, config: CaptionConfig) -> str:
+        return f"caption_{config.name}"
+
+    def __init__(self, config: CaptionConfig):
+        super().__init__(config)
+        from transformers import AutoConfig
+
+        kind = config.kind
+        if kind == "auto":
+            model_type = AutoConfig.from_pretrained(self.source, **self.pretrained_kwargs()).model_type
+            kind = KIND_BY_MODEL_TYPE.get(model_type, "image_text_to_text")
+        self.kind = kind
+        getattr(self, f"_load_{kind}")()
+        self.generation = self._generation_kwargs()
+
+    def _load_vision_encoder_decoder(self) -> None:
+        from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+
+        self.model = self.place(VisionEncoderDecoderModel.from_pretrained(self.source, **self.model_kwargs()))
+        self.image_processor = AutoImageProcessor.from_pretrained(self.source, **self.pretrained_kwargs())
+        self.tokenizer = AutoTokenizer.from_pretrained(self.source, **self.pretrained_kwargs())
+        # The decoder ends captions with its own end token; a tokenizer that does not know that
+        # id (BertTokenizer next to a GPT-2 decoder) decodes garbage. Refuse it at load.
+        dec = self.model.config.decoder
+        end = self.model.generation_config.eos_token_id
+        end = dec.eos_token_id if end is None else end
+        known = {self.tokenizer.eos_token_id, self.tokenizer.sep_token_id} - {None}
+        if len(self.tokenizer) > dec.vocab_size or (end is not None and end not in known):
+            raise ConfigError(
+                f"{self.config.model}: tokenizer {type(self.tokenizer).__name__} does not match the "
+                f"{dec.model_type} decoder (end token {end}, tokenizer end tokens {sorted(known)}, "
+                f"{len(self.tokenizer)} vs {dec.vocab_size} tokens): save the decoder's own tokenizer with the model")
+
+    def _load_blip(self) -> None:
+        from transformers import AutoProcessor, BlipForConditionalGeneration
+
+        self.model = self.place(BlipForConditionalGeneration.from_pretrained(self.source, **self.model_kwargs()))
+        self.processor = AutoProcessor.from_pretrained(self.source, **self.pretrained_kwargs())
+        self.tokenizer = self.processor.tokenizer
+
+    def _load_image_text_to_text(self) -> None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        cfg: CaptionConfig = self.config
+        self.model = self.place(AutoModelForImageTextToText.from_pretrained(self.source, **self.model_kwargs()))
+        self.processor = AutoProcessor.from_pretrained(self.source, **self.pretrained_kwargs())
+        self.tokenizer = self.processor.tokenizer
+        # Decoder-only generation continues the last position: pad on the left.
+        self.tokenizer.padding_side = "left"
+        instruction = cfg.prompt or DEFAULT_VLM_PROMPT
+        if cfg.prompt_template:
+            self.vlm_prompt = cfg.prompt_template.format(prompt=instruction)
+        elif getattr(self.processor, "chat_template", None):
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+            self.vlm_prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            raise ConfigError(f"{cfg.model}: the processor has no chat template; set prompt_template")
+
+    def _generation_kwargs(self) -> dict[str, Any]:
+        cfg: CaptionConfig = self.config
+        kw: dict[str, Any] = {"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens,
+                              "do_sample": cfg.do_sample}
+        if cfg.do_sample:
+            kw.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+        if self.kind == "blip":  # BLIP's generate sets pad/eos/bos for its text decoder itself
+            return kw
+        pad = self.model.generation_config.pad_token_id
+        if pad is None:  # GPT-2 style decoders have no pad token; their end-of-text pads
+            pad = self.model.generation_config.eos_token_id or getattr(self.tokenizer, "eos_token_id", None)
+        if pad is not None:
+            kw["pad_token_id"] = pad[0] if isinstance(pad, list) else pad
+        return kw
+
+    def _to_device(self, inputs) -> dict[str, Any]:
+        out = {}
+        for k, v in inputs.items():
+            if hasattr(v, "to"):
+                v = v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+            out[k] = v
+        return out
+
+    def generate(self, images: list) -> list[str]:
+        """Captions for a list of RGB PIL images."""
+        cfg: CaptionConfig = self.config
+        torch = self.torch
+        if cfg.do_sample and cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+        n = len(images)
+        if self.kind == "vision_encoder_decoder":
+            inputs = {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}
+        elif self.kind == "blip":
+            text = [cfg.prompt] * n if cfg.prompt else None
+            inputs = self.processor(images=images, text=text, return_tensors="pt")
+        else:
+            inputs = self.processor(images=images, text=[self.vlm_prompt] * n, padding=True, return_tensors="pt")
+        inputs = self._to_device(inputs)
+        with torch.inference_mode():
+            ids = self.model.generate(**inputs, **self.generation)
+        if self.kind == "image_text_to_text":
+            ids = ids[:, inputs["input_ids"].shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = pending_rows(batch)
+        images, reasons = load_images(batch, rows)
+        results, failed = self.run_split(lambda chunk: self.generate([images[i] for i in chunk]),
+                                         [i for i in rows if i in images])
+        reasons.update(failed)
+        captions = [results.get(i) for i in range(batch.num_rows)]
+        (column,) = self.outputs(self.config)
+        return self.finish(batch, {column: pa.array(captions, type=pa.string())}, reasons)

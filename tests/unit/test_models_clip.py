@@ -1,0 +1,151 @@
+"""CLIP / SigLIP operator on hand-built Arrow batches with tiny local models (no Ray)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from pydantic import ValidationError
+
+from jobs.sample_data import draw_image, encode
+from jobs.tiny_models import build_all
+from operators.base import registry
+from operators.image.pixels import decode_rgb
+from operators.models.base import read_embeddings
+from operators.models.clip import ClipConfig, ClipEmbedder
+from operators.schema import IMAGE_TYPE
+from pipelines.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_all(tmp_path_factory.mktemp("models"), ["clip", "siglip"])
+
+
+def make_batch(n: int = 6, texts: list | None = None, reasons: list | None = None, junk: tuple = ()) -> pa.Table:
+    rng = random.Random(7)
+    images, caps = [], []
+    for i in range(n):
+        img, cap = draw_image(rng, (48 + 8 * i, 40))
+        images.append({"bytes": b"not an image" if i in junk else encode(img), "path": f"{i}.jpg"})
+        caps.append(cap)
+    return pa.table({
+        "key": [f"k{i}" for i in range(n)],
+        "image": pa.array(images, type=IMAGE_TYPE),
+        "text": texts if texts is not None else caps,
+        "reject_reason": pa.array(reasons or [None] * n, type=pa.string()),
+    })
+
+
+def bare_forward(path: str, batch: pa.Table, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The same model called directly, the way its model card shows (normalised float32)."""
+    import torch
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(path).eval()
+    proc, tok = AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    imgs = [decode_rgb(batch["image"][i].as_py()["bytes"]) for i in rows]
+    pad = "max_length" if model.config.model_type == "siglip" else True
+    enc = tok([batch["text"][i].as_py() for i in rows], padding=pad, truncation=True,
+              max_length=model.config.text_config.max_position_embeddings, return_tensors="pt")
+    with torch.inference_mode():
+        im = model.get_image_features(pixel_values=proc(images=imgs, return_tensors="pt")["pixel_values"])
+        tx = model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    im, tx = getattr(im, "pooler_output", im), getattr(tx, "pooler_output", tx)
+    return (torch.nn.functional.normalize(im, dim=-1).numpy(), torch.nn.functional.normalize(tx, dim=-1).numpy())
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_embeddings_match_a_bare_forward_after_float16_storage(tiny, kind):
+    batch = make_batch()
+    out = ClipEmbedder(ClipConfig(model=tiny[kind], prefix=kind))(batch)
+    img, valid = read_embeddings(out[f"{kind}_image_embedding"])
+    txt, _ = read_embeddings(out[f"{kind}_text_embedding"])
+    assert valid.all()
+    assert out.schema.field(f"{kind}_image_embedding").type.value_type == pa.float16()
+    ref_img, ref_txt = bare_forward(tiny[kind], batch, list(range(batch.num_rows)))
+    cos = lambda a, b: (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)  # noqa: E731
+    assert cos(img, ref_img).min() >= 0.999
+    assert cos(txt, ref_txt).min() >= 0.999
+    np.testing.assert_allclose(np.linalg.norm(img, axis=-1), 1.0, atol=2e-3)
+    score = np.array(out[f"{kind}_score"].to_pylist())
+    np.testing.assert_allclose(score, (ref_img * ref_txt).sum(-1), atol=1e-4)
+    assert out["text"].to_pylist() == batch["text"].to_pylist()
+
+
+def test_rejected_rows_get_no_work_and_null_outputs(tiny):
+    # Row 1 is junk but already rejected: had the operator touched it, it would say clip:bad_image.
+    batch = make_batch(4, reasons=[None, "decode:corrupt", None, None], junk=(1, 3))
+    out = ClipEmbedder(ClipConfig(model=tiny["clip"]))(batch)
+    assert out["reject_reason"].to_pylist() == [None, "decode:corrupt", None, "clip:bad_image"]
+    for col in ("clip_image_embedding", "clip_text_embedding", "clip_score"):
+        assert out[col].to_pylist()[1] is None and out[col].to_pylist()[3] is None
+    assert out["clip_score"].to_pylist()[0] is not None
+
+
+def test_rows_without_text_get_the_image_embedding_only(tiny):
+    batch = make_batch(4, texts=["a red circle", None, "", "   "])
+    out = ClipEmbedder(ClipConfig(model=tiny["clip"]))(batch)
+    assert out["clip_image_embedding"].null_count == 0
+    assert [v is None for v in out["clip_text_embedding"].to_pylist()] == [False, True, True, True]
+    assert [v is None for v in out["clip_score"].to_pylist()] == [False, True, True, True]
+    assert out["reject_reason"].null_count == 4
+
+
+def test_long_captions_are_truncated_not_rejected(tiny):
+    out = ClipEmbedder(ClipConfig(model=tiny["clip"]))(make_batch(2, texts=["word " * 500, "short"]))
+    assert out["clip_score"].null_count == 0
+
+
+def test_two_prefixes_in_one_pipeline_keep_their_own_columns(tiny):
+    batch = make_batch(3)
+    out = ClipEmbedder(ClipConfig(model=tiny["siglip"], prefix="clip_l14"))(
+        ClipEmbedder(ClipConfig(model=tiny["clip"], prefix="clip_b32"))(batch))
+    assert out.schema.field("clip_b32_image_embedding").type.list_size == 16
+    assert out.schema.field("clip_l14_image_embedding").type.list_size == 32
+    assert set(ClipEmbedder.outputs(ClipConfig(model="x", prefix="clip_l14"))) == {
+        "clip_l14_image_embedding", "clip_l14_text_embedding", "clip_l14_score"}
+
+
+def test_provenance_digests_the_weight_files_and_flags_random_weights(tiny):
+    prov = ClipEmbedder.provenance(ClipConfig(model=tiny["clip"], revision="v1"))
+    assert set(prov) == {"clip_image_embedding", "clip_text_embedding", "clip_score"}
+    rec = prov["clip_score"]
+    digest = hashlib.sha256(Path(tiny["clip"], "model.safetensors").read_bytes()).hexdigest()
+    assert rec["weights_sha256"] == {"model.safetensors": digest}
+    assert rec["model"] == tiny["clip"] and rec["revision"] == "v1" and rec["random_weights"] is True
+
+
+def test_config_is_strict_and_resources_default_to_one_small_actor():
+    cfg = ClipConfig(model="openai/clip-vit-base-patch32")
+    res = ClipEmbedder.resources(cfg)
+    assert res.uses_actors and res.max_actors == 1 and res.num_gpus == 0 and res.num_cpus == 0.5
+    assert ClipConfig(model="m", resources={"num_gpus": 0.5}).resources.max_actors == 1
+    with pytest.raises(ValidationError):
+        ClipConfig(model="m", unknown=1)
+    with pytest.raises(ValidationError, match="num_gpus"):
+        ClipConfig(model="m", device="cuda")
+    with pytest.raises(ValidationError):
+        ClipConfig(model="m", dtype="int8")
+    assert registry.get("clip") is ClipEmbedder
+
+
+def test_pickle_only_weights_are_refused_unless_allowed(tmp_path, tiny):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(ConfigError, match="allow_pickle"):
+        ClipEmbedder(ClipConfig(model=str(tmp_path)))
+
+
+def test_float16_on_cpu_falls_back_and_bfloat16_runs(tiny):
+    batch = make_batch(2)
+    op16 = ClipEmbedder(ClipConfig(model=tiny["clip"], dtype="float16"))
+    assert op16.device == "cpu" and str(op16.dtype) == "torch.float32"
+    out = ClipEmbedder(ClipConfig(model=tiny["clip"], dtype="bfloat16"))(batch)
+    ref = op16(batch)
+    a, _ = read_embeddings(out["clip_image_embedding"])
+    b, _ = read_embeddings(ref["clip_image_embedding"])
+    assert ((a * b).sum(-1)).min() > 0.95

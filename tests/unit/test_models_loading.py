@@ -1,0 +1,126 @@
+"""Model references: staging object-storage prefixes once, provenance without fetching, prefetch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import fsspec
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from jobs.cli import app
+from jobs.tiny_models import build_all, build_head
+from operators.models import loading
+from operators.models.clip import ClipConfig, ClipEmbedder
+from tests.unit.test_models_clip import make_batch
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_all(tmp_path_factory.mktemp("models"), ["clip"])
+
+
+@pytest.fixture()
+def model_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMCURATE_MODEL_CACHE", str(tmp_path / "node-cache"))
+    loading._provenance_cached.cache_clear()
+    return tmp_path / "node-cache"
+
+
+@pytest.fixture()
+def hub_cache(tmp_path, monkeypatch, tiny):
+    """A local HF hub cache holding 'tiny-org/tiny-clip' at COMMIT (the layout huggingface_hub writes)."""
+    from huggingface_hub import constants
+
+    root = tmp_path / "hf-hub"
+    repo = root / "models--tiny-org--tiny-clip"
+    shutil.copytree(tiny["clip"], repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    loading._provenance_cached.cache_clear()
+    return root
+
+
+def put_tree(src: str, url: str) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    for f in Path(src).iterdir():
+        fs.put_file(str(f), f"{path}/{f.name}")
+
+
+def test_reference_kinds():
+    assert loading.kind_of("openai/clip-vit-base-patch32") == "hub"
+    assert loading.kind_of("s3://bucket/models/clip") == "remote"
+    assert loading.kind_of("/abs/path") == "local" and loading.kind_of("file:///x") == "local"
+
+
+def test_object_storage_model_is_staged_once_per_node_and_loads(tiny, model_cache):
+    url = "memory://models-once/clip"
+    put_tree(tiny["clip"], url)
+    local = loading.stage(url)
+    assert local.parent == model_cache and (local / "model.safetensors").read_bytes() == \
+        Path(tiny["clip"], "model.safetensors").read_bytes()
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.rm(path, recursive=True)  # a second actor on the node must not need the source again
+    assert loading.stage(url) == local
+    out = ClipEmbedder(ClipConfig(model=url))(make_batch(2))
+    assert out["clip_image_embedding"].null_count == 0
+
+
+def test_a_new_prefetch_to_the_same_url_is_staged_again(tiny, model_cache):
+    url = "memory://models-again/clip"
+    put_tree(tiny["clip"], url)
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.pipe(f"{path}/{loading.MANIFEST}", json.dumps({"files": {"model.safetensors": "a"}}).encode())
+    first = loading.stage(url)
+    fs.pipe(f"{path}/{loading.MANIFEST}", json.dumps({"files": {"model.safetensors": "b"}}).encode())
+    assert loading.stage(url) != first
+
+
+def test_hub_id_provenance_comes_from_the_local_cache_only(hub_cache, tiny):
+    rec = loading.model_provenance("tiny-org/tiny-clip")
+    digest = hashlib.sha256(Path(tiny["clip"], "model.safetensors").read_bytes()).hexdigest()
+    assert rec["weights_sha256"] == {"model.safetensors": digest} and rec["commit"] == COMMIT
+    missing = loading.model_provenance("tiny-org/not-cached", "v2")
+    assert missing["weights_sha256"] is None and missing["revision"] == "v2"
+
+
+def test_prefetch_copies_models_and_heads_with_a_manifest_and_rewrites_the_config(tmp_path, hub_cache, model_cache,
+                                                                                   tiny):
+    head = build_head(tmp_path / "aes.safetensors", [16, 1024, 128, 64, 16, 1])
+    cfg = {"name": "m", "input": {"format": "webdataset", "paths": ["x/*.tar"]}, "output": {"path": "out"},
+           "operators": [{"decode": {}}, {"clip": {"model": "tiny-org/tiny-clip"}},
+                         {"aesthetic": {"weights": str(head)}}]}
+    cfg_path = tmp_path / "p.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    dest = tmp_path / "models"
+    res = CliRunner().invoke(app, ["models", "prefetch", str(cfg_path), "--to", str(dest),
+                                   "--write-config", str(tmp_path / "p2.yaml")])
+    assert res.exit_code == 0, res.output
+    assert "--set operators.1.clip.model=" in res.output and "(random weights)" in res.output
+    man = json.loads((dest / "tiny-org--tiny-clip" / loading.MANIFEST).read_text())
+    assert man["commit"] == COMMIT and man["model"] == "tiny-org/tiny-clip" and man["random_weights"] is True
+    assert man["files"]["model.safetensors"] == loading.sha256_file(Path(tiny["clip"], "model.safetensors"))
+    assert (dest / "aes.safetensors").exists()
+    new = yaml.safe_load((tmp_path / "p2.yaml").read_text())
+    assert new["operators"][1]["clip"]["model"] == str(dest / "tiny-org--tiny-clip")
+    assert new["operators"][2]["aesthetic"]["weights"] == str(dest / "aes.safetensors")
+    # the copy loads with no hub at all
+    out = ClipEmbedder(ClipConfig(model=new["operators"][1]["clip"]["model"]))(make_batch(2))
+    assert out["clip_score"].null_count == 0
+
+
+def test_prefetch_of_an_uncached_hub_model_offline_is_one_clear_line(tmp_path, hub_cache):
+    cfg = {"name": "m", "input": {"format": "webdataset", "paths": ["x/*.tar"]}, "output": {"path": "out"},
+           "operators": [{"clip": {"model": "tiny-org/absent"}}]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(app, ["models", "prefetch", str(tmp_path / "p.yaml"), "--to", str(tmp_path / "m")])
+    assert res.exit_code != 0
+    assert "cannot fetch tiny-org/absent@main from the hub" in str(res.exception)
