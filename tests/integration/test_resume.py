@@ -19,14 +19,20 @@ from tests.helpers import ledger_records, make_config, row_set
 
 N_SHARDS = 10
 REPO = Path(__file__).resolve().parents[2]
-OPERATORS = [{"decode": {"resize_max_side": 96, "reencode_format": "png"}}, {"min_side": {"min": 32}}]
+# Small decode batches keep shard completions apart in time (resources do not change rows).
+OPERATORS = [{"decode": {"resize_max_side": 96, "reencode_format": "png",
+                         "resources": {"num_cpus": 1, "batch_size": 8}}},
+             {"min_side": {"min": 32}}]
 
 
 def _write_config(path: Path, shards: Path, out: Path) -> Path:
     cfg = {
         "name": "resume",
-        "input": {"format": "webdataset", "paths": [str(shards / "*.tar")], "block_rows": 16},
-        "output": {"path": str(out), "write_batch_rows": 32},
+        # One shard read at a time and small batches, so commits are spread over the run and
+        # the kill lands between them rather than after a burst at the end.
+        "input": {"format": "webdataset", "paths": [str(shards / "*.tar")], "block_rows": 8,
+                  "read_concurrency": 1},
+        "output": {"path": str(out), "write_batch_rows": 8},
         "operators": OPERATORS,
         "ray": {"num_cpus": 2, "no_progress_timeout_s": 120, "object_store_memory_mb": 300},
     }
@@ -76,7 +82,7 @@ def test_sigkill_mid_run_then_rerun_matches_uninterrupted_run(ray_session, tmp_p
     killed_at = _kill_after(_start(config), ledger, at_least=1)
     assert killed_at < N_SHARDS, "the run finished before the kill; make it slower"
     # Kill the rerun too, later in the run, then let a third run finish.
-    killed_again = _kill_after(_start(config), ledger, at_least=killed_at + 2)
+    killed_again = _kill_after(_start(config), ledger, at_least=killed_at + 1)
     final = _start(config)
     _, err = final.communicate(timeout=300)
     assert final.returncode == 0, err.decode()[-2000:]
@@ -91,3 +97,4 @@ def test_sigkill_mid_run_then_rerun_matches_uninterrupted_run(ray_session, tmp_p
     assert on_disk == named
     assert not list((out / "_mmcurate" / "staging").rglob("*.parquet"))
     assert killed_at >= 1 and killed_again > killed_at
+    print(f"killed after {killed_at} and {killed_again} of {N_SHARDS} committed shards")
