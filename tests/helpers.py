@@ -63,3 +63,24 @@ def row_set(fs, root: str) -> set[tuple]:
             out.add((kind, r["source_shard"].rsplit("/", 1)[-1], r["key"], r["reject_reason"],
                      r.get("width"), r.get("height"), r["text"]))
     return out
+
+
+def install_in_hub_cache(root, models: dict, commit: str, monkeypatch) -> None:
+    """Lay out local model folders as huggingface_hub's cache does (``models--org--name/snapshots/<commit>``)
+    and point the hub client at it, offline. This fakes only the download, not the loading code."""
+    import shutil
+    from pathlib import Path
+
+    from huggingface_hub import constants
+
+    from operators.models import loading
+
+    root = Path(root)
+    for repo_id, path in models.items():
+        repo = root / ("models--" + repo_id.replace("/", "--"))
+        shutil.copytree(path, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    loading._provenance_cached.cache_clear()

@@ -6,9 +6,7 @@ S3 with ``mmcurate models prefetch`` (hub offline), and loaded by the Ray actors
 
 from __future__ import annotations
 
-import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from operators.models import loading
 from operators.models.base import read_embeddings
 from pipelines import config as config_mod
 from pipelines.runner import ResourceError, run
+from tests.helpers import install_in_hub_cache
 
 N_SHARDS, GOOD, BAD_PER_SHARD = 2, 8, 4
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
@@ -33,18 +32,9 @@ COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 @pytest.fixture()
 def hub_cache(tmp_path, monkeypatch):
     """Tiny CLIP and ViT-GPT2 in a local HF cache as 'tiny-org/...' (the driver sees them, workers never do)."""
-    from huggingface_hub import constants
-
     built = build_all(tmp_path / "built", ["clip", "vit_gpt2"])
-    root = tmp_path / "hf-hub"
-    for name, path in built.items():
-        repo = root / f"models--tiny-org--tiny-{name.replace('_', '-')}"
-        shutil.copytree(path, repo / "snapshots" / COMMIT)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(COMMIT)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    loading._provenance_cached.cache_clear()
+    install_in_hub_cache(tmp_path / "hf-hub", {f"tiny-org/tiny-{name.replace('_', '-')}": path
+                                               for name, path in built.items()}, COMMIT, monkeypatch)
     return built
 
 

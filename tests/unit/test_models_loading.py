@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import fsspec
 import pytest
+
+from tests.helpers import install_in_hub_cache
 import yaml
 from typer.testing import CliRunner
 
@@ -36,16 +37,8 @@ def model_cache(tmp_path, monkeypatch):
 @pytest.fixture()
 def hub_cache(tmp_path, monkeypatch, tiny):
     """A local HF hub cache holding 'tiny-org/tiny-clip' at COMMIT (the layout huggingface_hub writes)."""
-    from huggingface_hub import constants
-
     root = tmp_path / "hf-hub"
-    repo = root / "models--tiny-org--tiny-clip"
-    shutil.copytree(tiny["clip"], repo / "snapshots" / COMMIT)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    loading._provenance_cached.cache_clear()
+    install_in_hub_cache(root, {"tiny-org/tiny-clip": tiny["clip"]}, COMMIT, monkeypatch)
     return root
 
 
