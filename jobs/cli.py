@@ -13,10 +13,12 @@ from typing import Optional
 
 import typer
 
+from jobs.models import models_app
 from pipelines.errors import MmcurateError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Curate image-text data for pretraining, on Ray Data.")
+app.add_typer(models_app, name="models")
 logger = logging.getLogger("mmcurate")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -102,11 +104,6 @@ def demo(output: Path = typer.Option(Path("mmcurate-demo"), "--output", help="fo
     summary, out = run_demo(output, shards=shards, samples=samples)
     print_summary(summary)
     typer.echo(f"\nenriched Parquet: {out}/data   rejects: {out}/rejected   ledger: {out}/_mmcurate/ledger")
-
-
-from jobs.models import models_app  # noqa: E402
-
-app.add_typer(models_app, name="models")
 
 
 def root_cause(exc: BaseException) -> BaseException:
