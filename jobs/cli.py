@@ -13,27 +13,28 @@ from typing import Optional
 
 import typer
 
+from ground.errors import MmcurateError
+from jobs.clikit import setup_logging as _setup_logging
 from jobs.models import models_app
-from pipelines.errors import MmcurateError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Curate image-text data for pretraining, on Ray Data.")
 app.add_typer(models_app, name="models")
 logger = logging.getLogger("mmcurate")
 
+# Command groups that live in their own modules: each module defines ``register(app)`` that
+# adds its commands. Listed here so ``mmcurate --help`` shows them all; a module that is not
+# there yet is skipped (the list is the CLI's table of contents).
+COMMAND_MODULES = (
+    "jobs.cluster",    # submit, status, logs, stop, jobs
+    "jobs.schedule",   # schedule
+    "jobs.history",    # runs
+    "jobs.report",     # report
+    "jobs.curate",     # select, dedup
+    "jobs.evaluate",   # eval
+)
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    typer.echo(f"mmcurate: error: {msg}", err=True)
-    raise typer.Exit(code)
 
 
 def print_summary(summary) -> None:
@@ -126,6 +127,22 @@ def one_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
     text = lines[-1] if lines and lines[-1].startswith(cause.__class__.__name__) else (lines[0] if lines else "")
     return f"{cause.__class__.__name__}: {text}"[:500]
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(app)
+
+
+_register_commands()
 
 
 def main() -> None:

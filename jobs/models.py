@@ -23,7 +23,7 @@ import yaml
 from operators.models import loading
 from operators.models.base import ModelConfig
 from operators.models.heads import HeadConfig
-from pipelines.errors import ConfigError, StorageError
+from ground.errors import ConfigError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def local_source(ref: ModelRef) -> tuple[Path, str | None]:
 
 def prefetch_one(ref: ModelRef, to: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Copy one model under ``to`` and write its manifest last; returns the manifest (with ``url``)."""
-    from pipelines.storage import filesystem, join
+    from ground.storage import filesystem, join
 
     src, commit = local_source(ref)
     files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file() and ".cache" not in p.parts)

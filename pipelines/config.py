@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from operators.base import registry
-from pipelines.errors import ConfigError
+from ground.errors import ConfigError
 
 # Keys inside storage_options whose values never leave the driver in clear text.
 SECRET_KEYS = ("key", "secret", "token", "password", "session_token", "aws_access_key_id",

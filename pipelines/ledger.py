@@ -16,9 +16,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.errors import AccountingError
-from pipelines.layout import KINDS, LEDGER, STAGING, shard_tag, tag_of_file
-from pipelines.storage import filesystem, is_local, join, retry
+from ground.errors import AccountingError
+from ground.layout import KINDS, LEDGER, STAGING, shard_tag, tag_of_file
+from ground.storage import filesystem, is_local, join, retry
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import pyarrow as pa
 from operators.base import Operator, OperatorConfig, Resources, registry
 from operators.readers import make_reader
 from pipelines.config import PipelineConfig
-from pipelines.errors import ConfigError
-from pipelines.layout import shard_tag
+from ground.errors import ConfigError
+from ground.layout import shard_tag
 from pipelines.ledger import Ledger
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def build_dataset(cfg: PipelineConfig, plan: Plan, run_id: str, file_meta: dict[
     """The full Ray Data plan: read pending shards -> operators -> staging writer records."""
     import ray.data
 
-    from operators.readers import ShardDatasource
+    from pipelines.datasource import ShardDatasource
     from operators.writers.parquet import StagingParquetWriter
 
     reader = make_reader(cfg.input.model_dump())

@@ -11,10 +11,10 @@ from typing import Any
 
 import yaml
 
-from pipelines import SCHEMA_VERSION, __version__
+from ground import SCHEMA_VERSION, __version__
 from pipelines.config import PipelineConfig, config_hash, public_dict
-from pipelines.errors import AccountingError, MmcurateError
-from pipelines.layout import RUNS, shard_tag
+from ground.errors import AccountingError, MmcurateError
+from ground.layout import RUNS, shard_tag
 from pipelines.ledger import Ledger, ShardProgress
 from pipelines.plan import Plan, build_dataset, make_plan
 
@@ -69,11 +69,12 @@ def init_ray(cfg: PipelineConfig) -> None:
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
         if cfg.ray.address:
-            import jobs
+            import ground
             import operators
             import pipelines
+            # Workers run operators, the datasource and the writer; the CLI (jobs) stays here.
             kwargs["address"] = cfg.ray.address
-            kwargs["runtime_env"] = {"py_modules": [operators, pipelines, jobs]}
+            kwargs["runtime_env"] = {"py_modules": [ground, operators, pipelines]}
         else:
             if cfg.ray.num_cpus:
                 kwargs["num_cpus"] = cfg.ray.num_cpus
@@ -108,7 +109,7 @@ def file_metadata(cfg: PipelineConfig, plan: Plan, run_id: str, chash: str) -> d
 
 def shard_fingerprint(shard: str, storage_options: dict[str, Any]) -> dict[str, Any]:
     """Size and etag/mtime of the shard's object, recorded in its ledger record."""
-    from pipelines.storage import filesystem
+    from ground.storage import filesystem
 
     url = shard.split("#", 1)[0]
     try:

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from operators.base import Operator, OperatorConfig, Resources, pending_mask, register, set_column, with_rejects
 from operators.image.pixels import to_rgb
-from operators.schema import IMAGE_TYPE
+from ground.schema import IMAGE_TYPE
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from operators.base import register
 from operators.models.base import ModelConfig, ModelOperator, load_images, pending_rows
-from pipelines.errors import ConfigError
+from ground.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pydantic import Field
 from operators.base import Operator, OperatorConfig, register, set_column
 from operators.models import loading
 from operators.models.base import ModelResources, l2_normalize, pending_rows, read_embeddings
-from pipelines.errors import ConfigError
+from ground.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ def kind_of(ref: str) -> str:
 
 
 def _fs(url: str, storage_options: dict[str, Any]):
-    from pipelines.storage import filesystem
+    from ground.storage import filesystem
 
     return filesystem(url, storage_options)
 
@@ -223,7 +223,7 @@ def check_weights_allowed(local: str, allow_pickle: bool) -> None:
         return
     files = weight_files(root)
     if files and not any(f.name.endswith((".safetensors", ".npz")) for f in files):
-        from pipelines.errors import ConfigError
+        from ground.errors import ConfigError
 
         raise ConfigError(f"{local}: only pickle weights ({files[0].name}); convert them to safetensors "
                           "or set allow_pickle: true for a source you trust")

@@ -1,6 +1,6 @@
 """Readers, by input ``format``."""
 
-from operators.readers.base import ShardDatasource, ShardReader
+from operators.readers.base import ShardReader
 from operators.readers.coco import CocoCaptionsReader
 from operators.readers.imagefolder import ImageFolderReader
 from operators.readers.parquet import ParquetReader
@@ -16,4 +16,4 @@ def make_reader(input_options: dict) -> ShardReader:
     return READERS[input_options["format"]](options=input_options)
 
 
-__all__ = ["READERS", "ShardDatasource", "ShardReader", "make_reader"]
+__all__ = ["READERS", "ShardReader", "make_reader"]

@@ -1,6 +1,6 @@
 """Shard readers: one Ray read task per input shard, rows stamped with their provenance.
 
-A reader turns one shard URL into :class:`Sample` records; :class:`ShardDatasource` wraps
+A reader turns one shard URL into :class:`Sample` records; ``pipelines.datasource.ShardDatasource`` wraps
 them into Arrow blocks of ``block_rows`` rows with the core reader columns. Rows of a
 shard's final block carry the shard's total row count (``_shard_rows``) so the driver's
 commit loop knows when every row of the shard has been written.
@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import pyarrow as pa
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
-from operators.schema import INTERNAL_FIELDS, READER_SCHEMA, SHARD_DAMAGE, SHARD_ROWS
-from pipelines.storage import describe_error, expand_paths, filesystem
+from ground.schema import INTERNAL_FIELDS, READER_SCHEMA, SHARD_DAMAGE, SHARD_ROWS
+from ground.storage import expand_paths, filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -131,35 +129,3 @@ def check_json(data: bytes | str) -> tuple[str | None, str | None]:
         return text, None
     except ValueError:
         return json.dumps(text), "invalid_json"
-
-
-class ShardDatasource(Datasource):
-    """A Ray Data datasource with exactly one read task per shard."""
-
-    def __init__(self, reader: ShardReader, shards: list[str]):
-        super().__init__()
-        self._reader = reader
-        self._shards = list(shards)
-
-    def get_name(self) -> str:
-        return f"Read{self._reader.name.capitalize()}"
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context: Any = None) -> list[ReadTask]:
-        tasks = []
-        for shard in self._shards:
-            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=[shard], exec_stats=None)
-            reader = self._reader
-
-            def read_fn(shard: str = shard, reader: ShardReader = reader) -> Iterator[pa.Table]:
-                try:
-                    yield from reader.read_blocks(shard)
-                except (OSError, PermissionError) as exc:
-                    # Systemic (unreachable bucket, denied): stop the run naming the shard.
-                    raise OSError(f"cannot read shard {shard}: {describe_error(exc)}") from None
-
-            tasks.append(ReadTask(read_fn, meta, schema=BLOCK_SCHEMA))
-        return tasks

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from operators.readers.base import Sample, ShardDamage, ShardReader
-from pipelines.errors import ConfigError
-from pipelines.storage import expand_paths, filesystem, join
+from ground.errors import ConfigError
+from ground.storage import expand_paths, filesystem, join
 
 SHARD_FRAGMENT = "#images="
 

@@ -6,7 +6,7 @@ import posixpath
 from collections.abc import Iterator
 
 from operators.readers.base import Sample, ShardDamage, ShardReader, check_json, decode_text
-from pipelines.storage import expand_paths, filesystem
+from ground.storage import expand_paths, filesystem
 
 
 class ImageFolderReader(ShardReader):

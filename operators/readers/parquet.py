@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from operators.readers.base import Sample, ShardDamage, ShardReader
-from pipelines.errors import ConfigError
+from ground.errors import ConfigError
 
 
 def _jsonable(value: Any) -> Any:

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from operators.schema import IMAGE_TYPE, SHARD_DAMAGE, SHARD_ROWS, output_schema
-from pipelines.layout import DATA, REJECTED, STAGING, shard_tag
-from pipelines.storage import filesystem, is_local, join, retry
+from ground.schema import IMAGE_TYPE, SHARD_DAMAGE, SHARD_ROWS, output_schema
+from ground.layout import DATA, REJECTED, STAGING, shard_tag
+from ground.storage import filesystem, is_local, join, retry
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import yaml
 from operators.filters.row_filters import MinSideConfig
 from operators.image.decode import DecodeConfig
 from pipelines.config import apply_overrides, config_hash, load, public_dict, redact, validate
-from pipelines.errors import ConfigError
+from ground.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 BASIC = REPO / "conf" / "pipelines" / "basic.yaml"

@@ -14,7 +14,7 @@ from PIL import Image
 
 from jobs.sample_data import bomb_png, draw_image, encode
 from operators.image.decode import DecodeConfig, ImageDecoder
-from operators.schema import READER_SCHEMA
+from ground.schema import READER_SCHEMA
 from tests import zoo
 
 

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from operators.base import registry
 from operators.filters.row_filters import (CaptionLengthFilter, FileBytesFilter, ImageFormatFilter,
                                            MaxAspectRatioFilter, MinSideFilter)
-from operators.schema import IMAGE_TYPE
+from ground.schema import IMAGE_TYPE
 
 
 def decoded(rows: list[dict]) -> pa.Table:

@@ -8,7 +8,7 @@ import pytest
 
 from jobs.tiny_models import build_all
 from operators.models.caption import CaptionConfig, Captioner
-from pipelines.errors import ConfigError
+from ground.errors import ConfigError
 from tests.unit.test_models_clip import make_batch
 
 

@@ -17,8 +17,8 @@ from operators.base import registry
 from operators.image.pixels import decode_rgb
 from operators.models.base import read_embeddings
 from operators.models.clip import ClipConfig, ClipEmbedder
-from operators.schema import IMAGE_TYPE
-from pipelines.errors import ConfigError
+from ground.schema import IMAGE_TYPE
+from ground.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from jobs.tiny_models import build_head
 from operators.models.base import embedding_array
 from operators.models.heads import AestheticConfig, AestheticHead, EmbeddingHead, HeadConfig
-from pipelines.errors import ConfigError
+from ground.errors import ConfigError
 
 DIM = 24
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.config import config_hash, validate
-from pipelines.errors import ConfigError
+from ground.errors import ConfigError
 from pipelines.plan import operator_steps
 
 

@@ -14,9 +14,9 @@ import pytest
 from jobs.sample_data import draw_image, encode, write_tar
 from operators.readers import make_reader
 from operators.readers.base import BLOCK_SCHEMA
-from operators.schema import SHARD_DAMAGE, SHARD_ROWS
+from ground.schema import SHARD_DAMAGE, SHARD_ROWS
 from pipelines.config import InputConfig
-from pipelines.errors import ConfigError
+from ground.errors import ConfigError
 from tests import zoo
 
 

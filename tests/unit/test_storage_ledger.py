@@ -7,10 +7,10 @@ import json
 import fsspec
 import pytest
 
-from pipelines.errors import AccountingError, StorageError
-from pipelines.layout import shard_tag, tag_of_file
+from ground.errors import AccountingError, StorageError
+from ground.layout import shard_tag, tag_of_file
 from pipelines.ledger import Ledger, ShardProgress
-from pipelines.storage import expand_paths, filesystem, retry
+from ground.storage import expand_paths, filesystem, retry
 
 
 def test_s3_filesystems_get_adaptive_retries_unless_configured():

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import fsspec
 from braceexpand import braceexpand
 
-from pipelines.errors import StorageError
+from ground.errors import StorageError
 
 logger = logging.getLogger(__name__)
 
