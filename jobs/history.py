@@ -37,7 +37,8 @@ def run_history(output: str, storage_options: dict[str, Any] | None = None) -> l
 
 
 def _short(ts: Optional[str]) -> str:
-    return (ts or "-").replace("T", " ").replace("Z", "")
+    """``2026-11-30 21:45:41`` from ``2026-11-30T21:45:41.567Z``."""
+    return (ts or "-").replace("T", " ").replace("Z", "").split(".")[0]
 
 
 def format_history(runs: list[dict[str, Any]]) -> list[str]:

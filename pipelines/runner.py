@@ -105,7 +105,8 @@ class RunSummary:
 
 
 def _iso(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    """UTC with milliseconds, so runs started within one second still sort in order."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
 
 
 def init_ray(cfg: PipelineConfig) -> None:
