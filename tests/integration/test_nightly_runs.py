@@ -126,7 +126,8 @@ def test_changed_shards_are_reported_then_redone_atomically_and_runs_lists_the_h
     make_webdataset_shards(tmp_path / "in", n_shards=2, samples_per_shard=4, seed=10)
     out = str(tmp_path / "out")
     paths = [str(tmp_path / "in" / "*.tar")]
-    assert run(make_config(paths, out)).exit_code == 0
+    initial = run(make_config(paths, out))
+    assert initial.exit_code == 0
     before = row_list(fs, out)
 
     # The provider re-uploads shard 00001 with other samples (another seed, another size).
@@ -156,7 +157,7 @@ def test_changed_shards_are_reported_then_redone_atomically_and_runs_lists_the_h
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:4] == ["run", "start", "end", "status"] and len(lines) == 1 + 4
-    assert [ln.split()[0] for ln in lines[1:]] == sorted(ln.split()[0] for ln in lines[1:])
+    assert [ln.split()[0] for ln in lines[1:]] == [r.run_id for r in (initial, reported, redone, quiet)]
     redo_line = next(ln for ln in lines if ln.startswith(redone.run_id))
     assert " complete " in redo_line and f" {redone.rows_in} " in redo_line
     history = json.loads(mmcurate("runs", out, "--json").stdout)
