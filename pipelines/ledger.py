@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ground.errors import AccountingError
-from ground.layout import FAILURES, KINDS, LEDGER, QUARANTINE, STAGING, shard_tag, tag_of_file
+from ground.layout import FAILURES, KINDS, LEDGER, QUARANTINE, REPLACED, STAGING, shard_tag, tag_of_file
 from ground.schema import MARKER_END, MARKER_FAILED
 from operators.readers.base import rows_lost_of
 from ground.storage import filesystem, is_local, join, retry
@@ -162,18 +162,39 @@ class Ledger:
             record["rows_lost"] = rows_lost_of(progress.damage)
         if generation:
             record["generation"] = generation
+            # Written before the swap: a crash after it still gets the old files deleted next run.
+            self._write_json(self._p(REPLACED, f"{tag}.json"),
+                             {"shard": progress.shard, "files": replaces.get("files") or {}})
         self._write_json(self._p(LEDGER, f"{tag}.json"), record)
-        for kind, names in ((replaces or {}).get("files") or {}).items():
-            for old in set(names) - set(published.get(kind, [])):
-                try:
-                    retry(lambda o=old, k=kind: self.fs.rm(self._p(k, o)), f"delete replaced {old}")
-                except FileNotFoundError:
-                    pass
         try:
             self.fs.rm(self._p(STAGING, tag), recursive=True)
         except FileNotFoundError:
             pass
+        if generation:
+            self.finish_replacement(tag)
         return record
+
+    def finish_replacement(self, tag: str) -> None:
+        """Delete the old files of a redone shard that its current ledger record no longer names."""
+        note = self._read_json(self._p(REPLACED, f"{tag}.json"))
+        if note is None:
+            return
+        current = self._read_json(self._p(LEDGER, f"{tag}.json")) or {}
+        named = {n for names in (current.get("files") or {}).values() for n in names}
+        for kind, names in (note.get("files") or {}).items():
+            for old in set(names) - named:
+                try:
+                    retry(lambda o=old, k=kind: self.fs.rm(self._p(k, o)), f"delete replaced {old}")
+                except FileNotFoundError:
+                    pass
+        self.fs.rm(self._p(REPLACED, f"{tag}.json"))
+
+    def finish_replacements(self) -> int:
+        """Complete redo swaps a crash interrupted (``OUT/_mmcurate/replaced``). Returns how many."""
+        notes = [p for p in self._ls(self._p(REPLACED)) if p.endswith(".json")]
+        for p in notes:
+            self.finish_replacement(p.rsplit("/", 1)[-1][: -len(".json")])
+        return len(notes)
 
     def _write_json(self, path: str, obj: dict[str, Any]) -> None:
         data = json.dumps(obj, indent=1, sort_keys=True).encode()

@@ -336,6 +336,8 @@ def _run_locked(cfg: PipelineConfig, summary: RunSummary, ledger: Ledger, lock: 
             logger.warning("committed shards were made with config %s, this run is %s: they are skipped, not "
                            "redone (delete OUT/_mmcurate/ledger records to redo them)", first["config_hash"],
                            summary.config_hash)
+    if ledger.finish_replacements():
+        logger.info("finished deleting the old files of shards redone by an interrupted run")
     ledger.prepare(pending, keep=keep)
     if not pending:
         return

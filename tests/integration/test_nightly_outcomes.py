@@ -173,3 +173,16 @@ def test_a_stalled_plan_fails_with_one_line_instead_of_hanging(ray_session, tmp_
     with pytest.raises(StalledError) as err:
         run(cfg)
     assert "\n" not in str(err.value) and "no progress for 5s" in str(err.value)
+
+
+def test_an_initialised_ray_is_reused_with_a_warning_and_the_stall_timeout_always_set(ray_session, tmp_path, caplog):
+    from ray.data import DataContext
+
+    from pipelines.runner import init_ray
+
+    cfg = make_config([str(tmp_path)], str(tmp_path / "out"))
+    cfg.ray.num_cpus, cfg.ray.no_progress_timeout_s = 64, 77
+    init_ray(cfg)
+    assert any("Ray is already initialised" in r.getMessage() and "ray.num_cpus" in r.getMessage()
+               for r in caplog.records)
+    assert DataContext.get_current().execution_no_progress_timeout_s == 77

@@ -29,9 +29,11 @@ REPO = Path(__file__).resolve().parents[2]
 LOCAL_RAY = {"num_cpus": 2, "object_store_memory_mb": 256, "no_progress_timeout_s": 120}
 
 
-def mmcurate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_DATA_DISABLE_PROGRESS_BARS="1")
-    env.pop("RAY_ADDRESS", None)
+def mmcurate(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    extra = env or {}
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_DATA_DISABLE_PROGRESS_BARS="1", **extra)
+    if "RAY_ADDRESS" not in extra:
+        env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -77,6 +79,12 @@ def test_exit_3_names_each_failed_shard_and_exit_2_names_an_unreachable_ray(tmp_
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mmcurate: error:")]
     assert proc.returncode == 2 and len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+    # ray.address: null inside a Ray job: RAY_ADDRESS names the cluster, and it is the one used.
+    config = write_config(tmp_path / "p3.yaml", [str(tmp_path / "in" / "00000.tar")], str(tmp_path / "out3"),
+                          ray={"address": None, "connect_timeout_s": 20})
+    proc = mmcurate("run", str(config), env={"RAY_ADDRESS": f"127.0.0.1:{port}"})
+    assert proc.returncode == 2 and f"cannot reach Ray at 127.0.0.1:{port}" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_a_second_run_on_the_same_output_is_refused_and_a_stale_lease_is_taken_over(s3, tmp_path):

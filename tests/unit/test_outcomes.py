@@ -195,3 +195,22 @@ def test_gpu_check_warns_instead_of_failing_on_an_autoscaling_cluster(caplog):
     plan = _plan(Resources(num_gpus=1, min_actors=4, max_actors=4))
     check_resources(plan, cluster_gpus=0, autoscaling=True)
     assert any("need 4 GPU(s)" in r.getMessage() and "autoscaler" in r.getMessage() for r in caplog.records)
+
+
+# -- redo: the old files of a replaced shard go, even after a crash mid-swap --------------------
+
+def test_a_redo_swap_interrupted_after_the_record_is_finished_by_the_next_run(tmp_path):
+    from pipelines.ledger import Ledger
+
+    out = tmp_path / "out"
+    ledger = Ledger(str(out))
+    (out / "data").mkdir(parents=True)
+    for name in ("s-abc-00000.parquet", "s-abc-g1x00000.parquet", "other-00000.parquet"):
+        (out / "data" / name).write_bytes(b"rows")
+    # State left by a kill between the record swap and the delete of the old files:
+    ledger.write_json("_mmcurate/ledger/s-abc.json", {"shard": "s", "files": {"data": ["s-abc-g1x00000.parquet"]}})
+    ledger.write_json("_mmcurate/replaced/s-abc.json", {"shard": "s", "files": {"data": ["s-abc-00000.parquet"]}})
+
+    assert ledger.finish_replacements() == 1
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["other-00000.parquet", "s-abc-g1x00000.parquet"]
+    assert ledger.finish_replacements() == 0
