@@ -32,6 +32,16 @@ def shard_tag(shard_url: str) -> str:
     return f"{stem}-{digest}"
 
 
+def published_name(tag: str, seq: int) -> str:
+    """The final file name of a shard's ``seq``-th file of one kind (under ``data/`` or ``rejected/``)."""
+    return f"{tag}-{seq:05d}.parquet"
+
+
+def staging_prefix(tag: str) -> str:
+    """Where a shard's staged parts live until its commit (``<kind>/<run>-<id>.parquet`` below)."""
+    return f"{STAGING}/{tag}"
+
+
 def tag_of_file(name: str) -> str:
     """The shard tag a published file name (``<tag>-<seq>.parquet``) belongs to."""
     return posixpath.basename(name).rsplit("-", 1)[0]

@@ -15,6 +15,7 @@ from ground import SCHEMA_VERSION, __version__
 from pipelines.config import PipelineConfig, config_hash, public_dict
 from ground.errors import AccountingError, MmcurateError
 from ground.layout import RUNS, shard_tag
+from pipelines.commit import Committer
 from pipelines.ledger import Ledger, ShardProgress
 from pipelines.plan import Plan, build_dataset, make_plan
 
@@ -151,8 +152,10 @@ def run(cfg: PipelineConfig, run_id: str | None = None) -> RunSummary:
         info = {"run_id": run_id, "config_hash": chash, "pipeline": cfg.name}
         progress: dict[str, ShardProgress] = {}
 
-        def commit(p: ShardProgress) -> None:
-            rec = ledger.commit(p, {**info, **shard_fingerprint(p.shard, cfg.input.storage_options)})
+        def record_info(p: ShardProgress) -> dict[str, Any]:  # runs on a commit thread
+            return {**info, **shard_fingerprint(p.shard, cfg.input.storage_options)}
+
+        def count(p: ShardProgress, rec: dict[str, Any]) -> None:  # the committer serialises these
             summary.shards_committed += 1
             summary.rows_in += rec["rows_in"]
             summary.kept += rec["kept"]
@@ -163,22 +166,25 @@ def run(cfg: PipelineConfig, run_id: str | None = None) -> RunSummary:
             logger.info("[%d/%d] committed %s: %d in, %d kept, %d rejected", summary.shards_committed,
                         len(plan.pending), p.shard, rec["rows_in"], rec["kept"], rec["rejected"])
 
+        committer = Committer(ledger, cfg.output.model_dump(), record_info, count)
+
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for rec in batch.to_pylist():
                 p = progress.setdefault(rec["shard"], ShardProgress(rec["shard"]))
                 p.add(rec)
                 if p.complete:
-                    commit(progress.pop(rec["shard"]))
+                    committer.submit(progress.pop(rec["shard"]))
         # The stream ended without error, so every read task finished: shards never heard
         # from had no rows at all (an empty tar), and anything half-heard is a bug.
         if progress:
             p = next(iter(progress.values()))
             raise AccountingError(f"shard {p.shard}: stream ended with {p.rows} rows written of "
                                   f"{p.rows_in if p.rows_in is not None else 'an unknown number'}")
-        done = ledger.committed_tags()
+        committer.wait()
         for shard in plan.pending:
-            if shard_tag(shard) not in done:
-                commit(ShardProgress(shard, rows_in=0))
+            if shard_tag(shard) not in committer.committed_tags:
+                committer.submit(ShardProgress(shard, rows_in=0))
+        committer.close()
         try:
             ledger.write_text(f"{RUNS}/{run_id}/ray_stats.txt", ds.stats())
         except Exception:  # noqa: BLE001 - stats are a nicety
