@@ -41,12 +41,13 @@ MAX_WAITING = 2 * COMMIT_THREADS
 MERGE_NUM_CPUS = 0
 MERGE_SCHEDULING = "SPREAD"
 
-MergeRunner = Callable[[dict[str, Any], str, str, list[str]], list[dict[str, Any]]]
+MergeRunner = Callable[[dict[str, Any], str, str, list[str], list[int]], list[dict[str, Any]]]
 
 _REMOTE_MERGE = None
 
 
-def merge_on_ray(output: dict[str, Any], tag: str, kind: str, parts: list[str]) -> list[dict[str, Any]]:
+def merge_on_ray(output: dict[str, Any], tag: str, kind: str, parts: list[str],
+                 part_bytes: list[int]) -> list[dict[str, Any]]:
     """Run ``merge_shard_parts`` as a Ray task and wait for its file list (needs ``ray.init``)."""
     import ray
 
@@ -54,7 +55,7 @@ def merge_on_ray(output: dict[str, Any], tag: str, kind: str, parts: list[str]) 
     if _REMOTE_MERGE is None:
         _REMOTE_MERGE = ray.remote(merge_shard_parts).options(
             num_cpus=MERGE_NUM_CPUS, scheduling_strategy=MERGE_SCHEDULING, name="merge_shard_parts")
-    return ray.get(_REMOTE_MERGE.remote(output, tag, kind, parts))
+    return ray.get(_REMOTE_MERGE.remote(output, tag, kind, parts, part_bytes))
 
 
 class Committer:
@@ -98,7 +99,7 @@ class Committer:
         """``Ledger.commit``'s merge hook: merge small parts, leave large ones as they are."""
         if not parts_need_merge(part_bytes, self.target_bytes):
             return None
-        files = self.merge_runner(self.output, tag, kind, parts)
+        files = self.merge_runner(self.output, tag, kind, parts, part_bytes)
         with self._lock:
             self.merged_files += len(files)
         return [f["name"] for f in files]

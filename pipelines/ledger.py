@@ -130,7 +130,17 @@ class Ledger:
         tag = shard_tag(shard)
         published = [p for kind in KINDS for p in self._files_with_prefix(self._p(kind), f"{tag}-")
                      if tag_of_file(p) == tag]
-        return published, self._find(self._p(staging_prefix(tag)))
+        if self._local:
+            return published, self._find(self._p(staging_prefix(tag)))
+        # A prefix listing of staging/ rather than find(staging/<tag>): find on a missing folder
+        # costs a HEAD and a second LIST to tell "empty" from "absent".
+        try:
+            staged = sorted(self.fs.find(self._p(STAGING), prefix=f"{tag}/"))
+        except TypeError:  # a backend without server-side prefixes
+            staged = self._find(self._p(staging_prefix(tag)))
+        except FileNotFoundError:
+            staged = []
+        return published, staged
 
     def remove(self, paths: list[str]) -> None:
         """Delete files in batches (S3: one DeleteObjects per 1,000 keys)."""
@@ -230,7 +240,8 @@ class Ledger:
             if self._local:
                 retry(lambda s=src, d=dst: self.fs.mv(s, d), f"publish {src}")
             else:
-                retry(lambda s=src, d=dst: self.fs.copy(s, d), f"publish {src}")
+                # cp_file, not copy: copy first asks whether source and target are folders (two LISTs).
+                retry(lambda s=src, d=dst: self.fs.cp_file(s, d), f"publish {src}")
             names.append(published_name(tag, seq))
         return names
 

@@ -36,11 +36,15 @@ from ground.storage import filesystem, is_local, join, retry
 
 logger = logging.getLogger(__name__)
 
-# Row groups: ~128 MiB of Arrow data (image bytes are already compressed, so about as much on
-# disk). Parquet's own guidance is large row groups (hundreds of MB) for scans; Spark and DuckDB
-# write ~128 MB / ~122,880 rows; pyarrow, polars and duckdb read row group by row group, so this
-# also bounds a reader's memory per column chunk.
+# Row groups: at most ~128 MiB of Arrow data (image bytes are already compressed, so about as
+# much on disk). Parquet's own guidance is large row groups (hundreds of MB) for scans; Spark and
+# DuckDB write ~128 MB / ~122,880 rows; pyarrow, polars and duckdb read row group by row group,
+# so this also bounds a reader's memory per column chunk.
 ROW_GROUP_TARGET_BYTES = 128 * 1024 * 1024
+# ...and at most a quarter of the target file size, so a file (closed at the first row group that
+# takes it past the target) overshoots the target by at most a quarter: 64 MiB groups and files
+# of 256-320 MiB with the default target_file_size_mb of 256.
+ROW_GROUP_FILE_FRACTION = 0.25
 # A cap for narrow rows (rejected/ without image bytes): DuckDB's default row group size.
 ROW_GROUP_MAX_ROWS = 122_880
 
@@ -162,16 +166,17 @@ def parts_need_merge(sizes: list[int], target_bytes: int) -> bool:
 
 
 def merge_shard_parts(output: dict[str, Any], tag: str, kind: str, parts: list[str],
-                      row_group_bytes: int = ROW_GROUP_TARGET_BYTES,
+                      part_bytes: list[int] | None = None, row_group_bytes: int | None = None,
                       max_group_rows: int = ROW_GROUP_MAX_ROWS) -> list[dict[str, Any]]:
     """Stream one shard's staged parts of one kind into few final files under ``OUT/<kind>/``.
 
     Reads the parts in the given order, one record batch at a time, gathers rows into row groups
-    of about ``row_group_bytes`` (at most ``max_group_rows`` rows) and appends them to the current
+    of about ``row_group_bytes`` (default: ``ROW_GROUP_TARGET_BYTES`` or a quarter of the target
+    file size, whichever is smaller; at most ``max_group_rows`` rows) and appends them to the current
     file, which is closed once it reaches ``output["target_file_size_mb"]``. Every file but the
     last is therefore at least the target, so a kind ends with at most
     ``ceil(bytes / target) + 1`` files; a file exceeds the target by less than one row group.
-    Memory: one row group plus one record batch, never the shard.
+    Memory: one staged part (at most one writer batch) plus one row group, never the shard.
 
     Files are written straight to their final names ``<tag>-<seq>.parquet``: the ledger record
     written after this is what makes them part of the output. The result is deterministic for
@@ -183,6 +188,7 @@ def merge_shard_parts(output: dict[str, Any], tag: str, kind: str, parts: list[s
         tag: the shard's tag (``ground.layout.shard_tag``).
         kind: ``data`` or ``rejected``.
         parts: staged part paths, in the order their rows should appear.
+        part_bytes: their sizes as the writer reported them (saves a HEAD per part on S3).
 
     Returns:
         One ``{"name", "rows", "bytes"}`` per file written, in order.
@@ -191,7 +197,10 @@ def merge_shard_parts(output: dict[str, Any], tag: str, kind: str, parts: list[s
         StorageError: a read or write still failed after retries (nothing is committed then).
     """
     fs, root = filesystem(output["path"], output.get("storage_options") or {})
+    logger.debug("merging %d %s part(s) of %s (%d bytes staged)", len(parts), kind, tag, sum(part_bytes or []))
     target = float(output.get("target_file_size_mb", 256)) * 1024 * 1024
+    if row_group_bytes is None:
+        row_group_bytes = int(min(ROW_GROUP_TARGET_BYTES, target * ROW_GROUP_FILE_FRACTION))
     compression = output.get("compression", "zstd")
     options = {"compression": None if compression == "none" else compression,
                "compression_level": output.get("compression_level") if compression == "zstd" else None}
@@ -233,26 +242,29 @@ def merge_shard_parts(output: dict[str, Any], tag: str, kind: str, parts: list[s
             if state["file"].tell() >= target:
                 close_file()
 
-        for part in parts:
-            with fs.open(part, "rb") as f:
-                source = pq.ParquetFile(f)
-                if schema is None:
-                    schema = source.schema_arrow
-                for batch in source.iter_batches(batch_size=8192):
-                    if batch.schema != schema:
-                        batch = pa.Table.from_batches([batch]).cast(schema).to_batches()[0]
-                    offset = 0
-                    while offset < batch.num_rows:
-                        per_row = max(batch.nbytes / batch.num_rows, 1.0)
-                        room_rows = min(max_group_rows - pending_rows,
-                                        max(1, int((row_group_bytes - pending_bytes) // per_row)))
-                        piece = batch.slice(offset, room_rows)
-                        pending.append(piece)
-                        pending_rows += piece.num_rows
-                        pending_bytes += int(per_row * piece.num_rows)
-                        offset += piece.num_rows
-                        if pending_rows >= max_group_rows or pending_bytes >= row_group_bytes:
-                            flush_group()
+        sizes = part_bytes if part_bytes and len(part_bytes) == len(parts) else [0] * len(parts)
+        for part, size in zip(parts, sizes):
+            # One GET per part: a part is at most one writer batch (and under the target size).
+            # With its size known, no HEAD either (s3fs asks for the size of a whole-object read).
+            data = fs.cat_file(part, start=0, end=size) if size else fs.cat_file(part)
+            source = pq.ParquetFile(pa.BufferReader(data))
+            if schema is None:
+                schema = source.schema_arrow
+            for batch in source.iter_batches(batch_size=8192):
+                if batch.schema != schema:
+                    batch = pa.Table.from_batches([batch]).cast(schema).to_batches()[0]
+                offset = 0
+                while offset < batch.num_rows:
+                    per_row = max(batch.nbytes / batch.num_rows, 1.0)
+                    room_rows = min(max_group_rows - pending_rows,
+                                    max(1, int((row_group_bytes - pending_bytes) // per_row)))
+                    piece = batch.slice(offset, room_rows)
+                    pending.append(piece)
+                    pending_rows += piece.num_rows
+                    pending_bytes += int(per_row * piece.num_rows)
+                    offset += piece.num_rows
+                    if pending_rows >= max_group_rows or pending_bytes >= row_group_bytes:
+                        flush_group()
         flush_group()
         close_file()
         return written

@@ -129,9 +129,9 @@ def test_a_failed_commit_stops_the_run_and_leaves_its_shard_pending_for_the_reru
     ledger = Ledger(str(out))
     shard = "/in/00007.tar"
 
-    def merge_then_die(output, tag, kind, parts):
+    def merge_then_die(output, tag, kind, parts, part_bytes):
         # The real merge writes final files, then the process "dies" before the ledger record.
-        merge_shard_parts(output, tag, kind, parts)
+        merge_shard_parts(output, tag, kind, parts, part_bytes)
         raise StorageError("simulated crash between merge and ledger record")
 
     committer = Committer(ledger, cfg, merge_runner=merge_then_die, threads=2)
