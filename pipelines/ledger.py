@@ -71,6 +71,15 @@ class ShardProgress:
         return self.rows_in is not None and self.rows == self.rows_in
 
 
+def _listing_requests(committed: int) -> float:
+    """Estimated LIST pages for all of data/, rejected/ and staging/ with ``committed`` shards.
+
+    S3 returns 1,000 keys a page; a committed shard has about one file per kind (few, large
+    files), so two keys per shard, plus a page for staging/ (only in-flight leftovers).
+    """
+    return 2 * committed / 1000 + len(KINDS) + 1
+
+
 class Ledger:
     """Reads and writes ``OUT/_mmcurate/ledger`` and moves files out of staging."""
 
@@ -142,6 +151,13 @@ class Ledger:
             staged = []
         return published, staged
 
+    def _leftovers_by_listing(self, tags: set[str]) -> tuple[list[str], list[str]]:
+        """(published, staged) files of ``tags`` from one listing of each output folder."""
+        published = [p for kind in KINDS for p in self._find(self._p(kind)) if tag_of_file(p) in tags]
+        base = self._p(STAGING)
+        staged = [p for p in self._find(base) if p[len(base) + 1:].split("/", 1)[0] in tags]
+        return published, staged
+
     def remove(self, paths: list[str]) -> None:
         """Delete files in batches (S3: one DeleteObjects per 1,000 keys)."""
         if not paths:
@@ -155,19 +171,26 @@ class Ledger:
             return
         retry(lambda: self.fs.rm(list(paths)), f"delete {len(paths)} file(s) under {self.root}")
 
-    def prepare(self, pending: list[str]) -> int:
+    def prepare(self, pending: list[str], committed: int | None = None) -> int:
         """Delete staged and published files of shards about to be (re)done. Returns files removed.
 
         Cost is proportional to the pending shards, not to the output: three prefix listings per
         pending shard (``data/<tag>-``, ``rejected/<tag>-``, ``staging/<tag>/``), run in parallel,
-        then batched deletes. Published files go first, so a kill in between leaves staged parts
-        for the next rerun to find, never the reverse.
+        then batched deletes. When ``committed`` (shards already in the ledger) says the whole
+        output lists in fewer requests (a first night: 10,000 pending, nothing committed), it
+        lists ``data/``, ``rejected/`` and ``staging/`` once instead. Published files go first, so
+        a kill in between leaves staged parts for the next rerun to find, never the reverse.
         """
         self.fs.invalidate_cache()
-        with ThreadPoolExecutor(PREPARE_THREADS) as pool:
-            found = list(pool.map(self.leftovers, pending))
-        published = [p for pub, _ in found for p in pub]
-        staged = [p for _, stg in found for p in stg]
+        if not pending:
+            return 0
+        if self._local or (committed is not None and _listing_requests(committed) < 3 * len(pending)):
+            published, staged = self._leftovers_by_listing({shard_tag(s) for s in pending})
+        else:
+            with ThreadPoolExecutor(PREPARE_THREADS) as pool:
+                found = list(pool.map(self.leftovers, pending))
+            published = [p for pub, _ in found for p in pub]
+            staged = [p for _, stg in found for p in stg]
         self.remove(published)
         self.remove(staged)
         if self._local:

@@ -142,7 +142,7 @@ def run(cfg: PipelineConfig, run_id: str | None = None) -> RunSummary:
         if first.get("config_hash") not in (None, chash):
             logger.warning("committed shards were made with config %s, this run is %s: they are skipped, not "
                            "redone (delete OUT/_mmcurate/ledger records to redo them)", first["config_hash"], chash)
-    ledger.prepare(plan.pending)
+    ledger.prepare(plan.pending, committed=len(plan.committed))
 
     if plan.pending:
         init_ray(cfg)

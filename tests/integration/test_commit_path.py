@@ -91,3 +91,13 @@ def test_commit_requests_stay_constant_as_the_ledger_grows_and_prepare_lists_onl
     assert sent == Counter({"LIST": 6, "DeleteObjects": 1}), sent
     lists = [t for m, t, _ in proxy.log[since:] if _kind(m, t) == "LIST"]
     assert all(shard_tag("s3://in/c-000.tar") in t or shard_tag("s3://in/d-000.tar") in t for t in lists), lists
+
+    # Told how many shards are committed (as the runner does), prepare lists the whole output
+    # when that is cheaper: here 64 committed shards fit in one page per folder.
+    leftover = stage_shard(writer, "s3://in/c-000.tar", rows=120, batch_rows=60)
+    since = len(proxy.log)
+    assert ledger.prepare(["s3://in/c-000.tar", "s3://in/d-000.tar"], committed=64) == 2
+    sent = _requests(proxy, since)
+    assert sent["LIST"] <= 3 + 1 and sent["DeleteObjects"] == 1, sent
+    assert not fs.find(f"{bucket}/curated/_mmcurate/staging", prefix=shard_tag("s3://in/c-000.tar"))
+    assert len(ledger.committed_tags()) == 64

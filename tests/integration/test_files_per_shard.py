@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import io
 import math
-import random
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -28,31 +28,26 @@ TARGET_MB = 8.0
 OPERATORS = [{"decode": {}}, {"min_side": {"min": 32}}]
 
 
-def _tiny_images() -> list[bytes]:
-    """A few small JPEGs (~1-2 KB of noise each) and one 12x12 icon that min_side rejects."""
-    rng = random.Random(3)
-    images = []
-    for _ in range(6):
-        img = Image.frombytes("RGB", (48, 48), bytes(rng.randrange(256) for _ in range(48 * 48 * 3)))
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=70)
-        images.append(buf.getvalue())
+def _jpeg(rng: np.random.Generator) -> bytes:
+    """A distinct 48x48 JPEG of noise (~1.9 KB): distinct, so Parquet cannot dictionary-encode it away."""
     buf = io.BytesIO()
-    Image.new("RGB", (12, 12), (200, 10, 10)).save(buf, "PNG")
-    return images + [buf.getvalue()]
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(buf, "JPEG", quality=70)
+    return buf.getvalue()
 
 
 def _make_shards(folder: Path) -> list[Path]:
-    images = _tiny_images()
+    """Shards of ROWS_PER_SHARD samples; every 7th is a 12x12 icon that min_side rejects."""
+    rng = np.random.default_rng(3)
+    icon = io.BytesIO()
+    Image.new("RGB", (12, 12), (200, 10, 10)).save(icon, "PNG")
     folder.mkdir(parents=True)
     paths = []
     for s in range(N_SHARDS):
         members = []
         for i in range(ROWS_PER_SHARD):
             key = f"{s:02d}{i:06d}"
-            data = images[i % len(images)]
-            ext = "png" if data is images[-1] else "jpg"
-            members += [(f"{key}.{ext}", data), (f"{key}.txt", f"sample {i}".encode())]
+            image = (f"{key}.png", icon.getvalue()) if i % 7 == 6 else (f"{key}.jpg", _jpeg(rng))
+            members += [image, (f"{key}.txt", f"sample {i}".encode())]
         path = folder / f"{s:05d}.tar"
         write_tar(path, members)
         paths.append(path)
@@ -93,7 +88,7 @@ def test_ten_thousand_row_shards_end_as_few_large_files_per_kind(ray_session, tm
                 keys = pq.read_table(f, columns=["key", "source_shard"])
                 assert set(keys["source_shard"].to_pylist()) == {str(shard)}
             assert rows == expected_rows
-        # data holds ~17 MB of images: more than one file at an 8 MB target, so rotation ran.
+        # data holds ~16 MB of images: more than one file at an 8 MB target, so rotation ran.
         assert len(rec["files"]["data"]) >= 2
     # Every row once, across both kinds; nothing left in staging; nothing published unnamed.
     all_keys = [k for kind in ("data", "rejected") for f in sorted((out / kind).glob("*.parquet"))
