@@ -157,12 +157,20 @@ def row_group_rows(table: pa.Table, target_bytes: int = ROW_GROUP_TARGET_BYTES,
 
 
 def parts_need_merge(sizes: list[int], target_bytes: int) -> bool:
-    """True when publishing the parts as they are would break the file-count bound.
+    """True when a shard's parts of one kind should be merged rather than published as they are.
 
-    Parts of at least ``target_bytes`` are as large as a merged file would be; one smaller part
-    is allowed (the tail). So publishing as-is keeps ``files <= ceil(bytes / target) + 1``.
+    Publishing as-is is allowed when it already meets the bound, ``len(parts) <= ceil(bytes /
+    target) + 1``, and every part but one holds at least a quarter of the target (so no kind ends
+    as a pile of small files that happens to be within the bound for a tiny shard). A merge
+    rewrites every byte of the shard, so skipping it when the parts are already large is what
+    keeps big shards on busy clusters cheap (see docs/readme/scaleio.md for settings that
+    produce large parts).
     """
-    return sum(1 for size in sizes if size < target_bytes) > 1
+    if len(sizes) <= 1:
+        return False
+    bound = math.ceil(sum(sizes) / target_bytes) + 1
+    small = sum(1 for size in sizes if size < target_bytes * ROW_GROUP_FILE_FRACTION)
+    return len(sizes) > bound or small > 1
 
 
 def merge_shard_parts(output: dict[str, Any], tag: str, kind: str, parts: list[str],

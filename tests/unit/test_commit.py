@@ -91,8 +91,10 @@ def test_parts_are_merged_only_when_publishing_them_as_they_are_would_break_the_
     mb = 1024 * 1024
     assert not parts_need_merge([10], 256 * mb)  # one small part: one file
     assert not parts_need_merge([300 * mb, 260 * mb, 5], 256 * mb)  # large parts and one tail
-    assert parts_need_merge([5, 7], 256 * mb)
+    assert not parts_need_merge([100 * mb, 100 * mb, 100 * mb], 256 * mb)  # 3 <= ceil(300/256)+1
+    assert parts_need_merge([5, 7], 256 * mb)  # two small files where one fits
     assert parts_need_merge([300 * mb, 5, 7], 256 * mb)
+    assert parts_need_merge([70 * mb] * 4, 256 * mb)  # 4 > ceil(280/256)+1
 
 
 def test_committer_commits_shards_in_parallel_with_few_files_and_exact_counts(tmp_path):
