@@ -45,23 +45,16 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 DEFAULT_BEFORE_REF = "d00699a"
 
 
-def _kind(method: str, target: str) -> str:
-    if method == "GET" and ("list-type" in target or "prefix=" in target):
-        return "LIST"
-    if method == "POST" and "delete" in target:
-        return "DeleteObjects"
-    return method
-
-
 def _server(conn) -> None:
     """Child process: moto + fault proxy; answers 'mark' and ('since', n) over the pipe."""
     import socket
 
     from moto.server import ThreadedMotoServer
 
-    from tests.faultproxy import FaultProxy
-
     import logging
+
+    from tests.faultproxy import FaultProxy
+    from tests.integration.test_commit_path import request_kind
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request otherwise
 
@@ -79,7 +72,7 @@ def _server(conn) -> None:
         if cmd == "mark":
             conn.send(len(proxy.log))
         else:
-            conn.send(Counter(_kind(m, t) for m, t, _ in proxy.log[cmd[1]:]))
+            conn.send(Counter(request_kind(m, t) for m, t, _ in proxy.log[cmd[1]:]))
     proxy.stop()
     server.stop()
 

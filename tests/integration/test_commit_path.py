@@ -29,7 +29,8 @@ def proxied(s3, s3_server):
     proxy.stop()
 
 
-def _kind(method: str, target: str) -> str:
+def request_kind(method: str, target: str) -> str:
+    """The S3 operation of a proxied request, as far as the counts here need (LIST, DeleteObjects, verb)."""
     if method == "GET" and ("list-type" in target or "prefix=" in target):
         return "LIST"
     if method == "POST" and "delete" in target:
@@ -38,7 +39,7 @@ def _kind(method: str, target: str) -> str:
 
 
 def _requests(proxy: FaultProxy, since: int) -> Counter:
-    return Counter(_kind(m, t) for m, t, _ in proxy.log[since:])
+    return Counter(request_kind(m, t) for m, t, _ in proxy.log[since:])
 
 
 def test_commit_requests_stay_constant_as_the_ledger_grows_and_prepare_lists_only_pending(proxied):
@@ -89,7 +90,7 @@ def test_commit_requests_stay_constant_as_the_ledger_grows_and_prepare_lists_onl
     sent = _requests(proxy, since)
     assert removed == len(leftover.files["data"]) + len(leftover.files["rejected"]) == 2
     assert sent == Counter({"LIST": 6, "DeleteObjects": 1}), sent
-    lists = [t for m, t, _ in proxy.log[since:] if _kind(m, t) == "LIST"]
+    lists = [t for m, t, _ in proxy.log[since:] if request_kind(m, t) == "LIST"]
     assert all(shard_tag("s3://in/c-000.tar") in t or shard_tag("s3://in/d-000.tar") in t for t in lists), lists
 
     # Told how many shards are committed (as the runner does), prepare lists the whole output
