@@ -17,6 +17,7 @@ from ground.errors import AccountingError, MmcurateError
 from ground.layout import RUNS, shard_tag
 from pipelines.ledger import Ledger, ShardProgress
 from pipelines.plan import Plan, build_dataset, make_plan
+from pipelines.report import write_run_artifacts
 
 logger = logging.getLogger(__name__)
 
@@ -185,5 +186,5 @@ def run(cfg: PipelineConfig, run_id: str | None = None) -> RunSummary:
             pass
 
     summary.elapsed_s = time.time() - started
-    ledger.write_json(f"{RUNS}/{run_id}/stats.json", summary.to_dict())
+    write_run_artifacts(cfg, plan, run_id, summary.to_dict())  # stats.json (+ operator counters), report.html
     return summary
