@@ -465,9 +465,13 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.2f}%"
 
 
-def _table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
-    head = "".join(f'<th class="l">{h}</th>' if i < left else f"<th>{h}</th>" for i, h in enumerate(headers))
-    body = "".join("<tr>" + "".join(f'<td class="l">{c}</td>' if i < left else f"<td>{c}</td>"
+def _table(headers: list[str], rows: list[list[str]], left: int = 1, text_last: bool = False) -> str:
+    """An HTML table; the first ``left`` columns (and the last if ``text_last``) are left-aligned text."""
+    def is_text(i: int) -> bool:
+        return i < left or (text_last and i == len(headers) - 1)
+
+    head = "".join(f'<th class="l">{h}</th>' if is_text(i) else f"<th>{h}</th>" for i, h in enumerate(headers))
+    body = "".join("<tr>" + "".join(f'<td class="l">{c}</td>' if is_text(i) else f"<td>{c}</td>"
                                     for i, c in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
@@ -546,7 +550,7 @@ def render(data: ReportData) -> str:
             reasons = "<br>".join(f"{_e(r)}: {_n(n)}" for r, n in s["rejected_by_reason"].items())
             table_rows.append([_e(s["stage"]), _n(s["rows_in"]), _n(s["rows_out"]), _n(s["rejected"]), reasons])
         table_rows.append(["<b>kept</b>", "", _n(kept), "", ""])
-        parts.append(_table(["stage", "rows in", "rows out", "rejected", "by reason"], table_rows))
+        parts.append(_table(["stage", "rows in", "rows out", "rejected", "by reason"], table_rows, text_last=True))
     else:
         parts.append("<p>No operator counters for this run (nothing was pending, or it ran before they existed).</p>")
         if st.get("rejected_by_reason"):
@@ -575,8 +579,9 @@ def render(data: ReportData) -> str:
     # Scores
     parts.append('<section id="scores"><h2>Score histograms</h2>')
     if data.scores:
-        parts.append(f'<p class="sub">{_n(data.score_rows_read)} rows (kept and rejected) read from '
-                     f'{data.shards_sampled} sampled shard(s) of this run.</p><div class="hists">')
+        parts.append(f'<p class="sub">Non-null values among {_n(data.score_rows_read)} rows (kept and rejected) '
+                     f'read from {data.shards_sampled} sampled shard(s) of this run; rows rejected before a '
+                     'model ran have no score.</p><div class="hists">')
         for col, values in data.scores.items():
             if len(values):
                 parts.append(f'<img alt="{_e(col)}" src="data:image/png;base64,{histogram_png(col, values)}">')

@@ -125,6 +125,28 @@ def test_collector_keeps_the_newest_snapshot_so_late_or_repeated_pushes_never_do
     assert merged["seconds"] == pytest.approx(0.4)
 
 
+class _BrokenCollector:
+    """A collector handle whose pushes fail (a dead actor, a lost connection): the boundary, faked."""
+
+    class push:  # noqa: N801 - mimics ``handle.push.remote``
+        calls = 0
+
+        @classmethod
+        def remote(cls, snap):
+            cls.calls += 1
+            raise ConnectionError("collector unreachable")
+
+
+def test_a_failing_collector_never_fails_a_batch_and_is_not_retried_every_batch(caplog):
+    step = make_step("min_side", {"min": 32})
+    stage = InstrumentedStage(lambda: step.cls(step.config), "min_side", collector=_BrokenCollector())
+    outs = [stage(decoded(ROWS)) for _ in range(3)]
+    assert all(o["reject_reason"].to_pylist()[1] == "min_side:too_small" for o in outs)
+    assert _BrokenCollector.push.calls == 1
+    assert stage.counters.snapshot()["rows_seen"] == 3 * len(ROWS)
+    assert "cannot report stats" in caplog.text
+
+
 def test_stage_figures_per_1k_rows_and_gpu_seconds_reserved_by_actors():
     m = merge_snapshots([{"stage": "clip", "worker": "w1", "seq": 1, "batches": 4, "rows_seen": 2000,
                           "rows_in": 1900, "rows_out": 1890, "rejected": 10, "seconds": 4.0, "cpu_seconds": 3.0,
