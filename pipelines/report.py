@@ -94,6 +94,8 @@ def write_run_artifacts(cfg, plan, run_id: str, stats: dict[str, Any]) -> dict[s
     if plan.pending:
         stats.update(stats_mod.collect(run_id, plan.steps, int(stats.get("rows_in") or 0),
                                        Resources(num_cpus=WRITE_NUM_CPUS)))
+    # No shards written, nothing to sample (and no reason to scan the ledger for this run's shards).
+    stats.setdefault("sample_shards", [])
     ledger = Ledger(cfg.output.path, cfg.output.storage_options)
     data: ReportData | None = None
     try:
@@ -119,13 +121,23 @@ def _ls(ledger: Ledger, *parts: str) -> list[str]:
 
 
 def run_ids(ledger: Ledger) -> list[str]:
-    """Ids of the runs that wrote a ``stats.json``, oldest first (ids start with a UTC timestamp)."""
-    ids = []
-    for p in _ls(ledger, RUNS):
-        run = p.rstrip("/").rsplit("/", 1)[-1]
-        if ledger.fs.exists(join(ledger.root, RUNS, run, STATS_NAME)):
-            ids.append(run)
-    return sorted(ids)
+    """Ids of the runs under ``_mmcurate/runs``, oldest first (ids start with a UTC timestamp).
+
+    One LIST; whether a run wrote ``stats.json`` is checked only for the runs a caller reads.
+    """
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in _ls(ledger, RUNS))
+
+
+def _latest_stats(ledger: Ledger, candidates: list[str]) -> tuple[str, dict[str, Any]] | None:
+    """(run id, ``stats.json``) of the newest run among ``candidates`` that has a readable one."""
+    for run in reversed(candidates):
+        try:
+            return run, read_stats(ledger, run)
+        except FileNotFoundError:
+            continue
+        except json.JSONDecodeError as exc:
+            logger.warning("run %s: stats.json unreadable (%s)", run, exc)
+    return None
 
 
 def read_stats(ledger: Ledger, run_id: str) -> dict[str, Any]:
@@ -143,14 +155,15 @@ def build_report(output_path: str, storage_options: dict[str, Any] | None = None
     ledger = Ledger(output_path, storage_options or {})
     ledger.fs.invalidate_cache()
     if run_id is None:
-        ids = run_ids(ledger)
-        if not ids:
+        latest = _latest_stats(ledger, run_ids(ledger))
+        if latest is None:
             raise FileNotFoundError(f"{output_path}: no run has written {RUNS}/<id>/{STATS_NAME}")
-        run_id = ids[-1]
-    try:
-        stats = read_stats(ledger, run_id)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{output_path}: run {run_id!r} has no {STATS_NAME}") from None
+        run_id, stats = latest
+    else:
+        try:
+            stats = read_stats(ledger, run_id)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{output_path}: run {run_id!r} has no {STATS_NAME}") from None
     data = gather(ledger, run_id, stats, _rejected_image_bytes(ledger, run_id))
     ledger.write_text(f"{RUNS}/{run_id}/{REPORT_NAME}", render(data))
     return to_url(ledger.fs, join(ledger.root, RUNS, run_id, REPORT_NAME))
@@ -184,13 +197,8 @@ def gather(ledger: Ledger, run_id: str, stats: dict[str, Any], rejected_image_by
 
 
 def _previous_stats(ledger: Ledger, run_id: str) -> dict[str, Any] | None:
-    earlier = [r for r in run_ids(ledger) if r < run_id]
-    for prev in reversed(earlier):
-        try:
-            return read_stats(ledger, prev)
-        except (FileNotFoundError, json.JSONDecodeError) as exc:
-            logger.warning("run %s: stats.json unreadable (%s)", prev, exc)
-    return None
+    found = _latest_stats(ledger, [r for r in run_ids(ledger) if r < run_id])
+    return found[1] if found else None
 
 
 def _read_record(ledger: Ledger, path: str) -> dict[str, Any] | None:

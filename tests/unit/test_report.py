@@ -349,3 +349,30 @@ def test_report_of_an_unknown_run_or_empty_output_is_one_clear_error(tmp_path):
     write_committed_output(tmp_path, "20260101T000000Z-aaa")
     with pytest.raises(FileNotFoundError, match="run 'nope' has no stats.json"):
         report_mod.build_report(str(tmp_path), run_id="nope")
+
+
+def test_report_of_a_run_without_sample_shards_finds_its_shards_in_the_ledger(tmp_path):
+    stats = write_committed_output(tmp_path, "20260101T000000Z-aaa")
+    del stats["sample_shards"]  # a stats.json written before shards were sampled
+    Ledger(str(tmp_path)).write_json(f"{RUNS}/{stats['run_id']}/stats.json", stats)
+    # Another run's shards in the same ledger are not this run's.
+    write_committed_output(tmp_path, "20260102T000000Z-bbb")
+    data = report_mod.gather(Ledger(str(tmp_path)), stats["run_id"], stats, rejected_image_bytes=False)
+    assert data.shards_sampled == 2
+    assert all(s["key"].startswith("aaas") for s in data.kept_samples)
+
+
+def test_cli_report_prints_the_path_and_fails_in_one_line_without_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    empty = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert empty.exit_code == 2
+    assert empty.output.strip().splitlines() == [f"mmcurate: error: {tmp_path}: no run has written "
+                                                 "_mmcurate/runs/<id>/stats.json"]
+    write_committed_output(tmp_path, "20260101T000000Z-aaa")
+    (tmp_path / RUNS / "20260102T000000Z-crashed").mkdir()  # a run that died before its stats.json
+    ok = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.strip() == str(tmp_path / RUNS / "20260101T000000Z-aaa" / "report.html")
