@@ -187,14 +187,25 @@ class StatsCollector:
     def __init__(self) -> None:
         self._snapshots: dict[tuple[str, str], dict[str, Any]] = {}
 
-    def push(self, snap: dict[str, Any]) -> None:
+    # async methods make this an asyncio actor: each push runs on the actor's event loop with no
+    # thread hand-off, and the bodies never await, so no two interleave. The rate it absorbs is
+    # printed by benchmarks/bench_stats_overhead.py --ray (one push per batch per worker).
+    async def push(self, snap: dict[str, Any]) -> None:
+        self.take(snap)
+
+    async def snapshots(self) -> list[dict[str, Any]]:
+        return self.current()
+
+    def current(self) -> list[dict[str, Any]]:
+        """The newest snapshot of every (stage, worker)."""
+        return list(self._snapshots.values())
+
+    def take(self, snap: dict[str, Any]) -> None:
+        """Keep ``snap`` unless a newer one from the same (stage, worker) is already here."""
         key = (snap["stage"], snap["worker"])
         old = self._snapshots.get(key)
         if old is None or snap["seq"] > old["seq"]:
             self._snapshots[key] = snap
-
-    def snapshots(self) -> list[dict[str, Any]]:
-        return list(self._snapshots.values())
 
 
 def start_collector(run_id: str):

@@ -118,8 +118,8 @@ def test_collector_keeps_the_newest_snapshot_so_late_or_repeated_pushes_never_do
     other.observe(batch, batch, 0.1, 0.05)
     collector = StatsCollector()
     for snap in [snaps[0], snaps[2], snaps[1], snaps[2], other.snapshot()]:  # reordered and repeated
-        collector.push(snap)
-    merged = merge_snapshots(collector.snapshots())["min_side"]
+        collector.take(snap)
+    merged = merge_snapshots(collector.current())["min_side"]
     assert merged["rows_seen"] == 4 * len(ROWS)
     assert merged["workers"] == 2
     assert merged["seconds"] == pytest.approx(0.4)
