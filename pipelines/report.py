@@ -32,9 +32,10 @@ import pyarrow.parquet as pq
 from ground.layout import DATA, LEDGER, REJECTED, RUNS
 from ground.schema import MMCURATE_METADATA_KEY
 from ground.storage import join, to_url
-from operators.base import REJECT_REASON
+from operators.base import REJECT_REASON, Resources
 from pipelines import stats as stats_mod
 from pipelines.ledger import Ledger
+from pipelines.plan import WRITE_NUM_CPUS
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,6 @@ class ReportData:
     rejected_image_bytes: bool = False
     kept_samples: list[dict[str, Any]] = field(default_factory=list)
     rejected_samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- run artifacts
@@ -88,12 +88,12 @@ def write_run_artifacts(cfg, plan, run_id: str, stats: dict[str, Any]) -> dict[s
     Returns:
         The stats written to ``stats.json``.
     """
-    from pipelines.plan import WRITE_NUM_CPUS
-    from operators.base import Resources
-
     if plan.pending:
-        stats.update(stats_mod.collect(run_id, plan.steps, int(stats.get("rows_in") or 0),
-                                       Resources(num_cpus=WRITE_NUM_CPUS)))
+        try:
+            stats.update(stats_mod.collect(run_id, plan.steps, int(stats.get("rows_in") or 0),
+                                           Resources(num_cpus=WRITE_NUM_CPUS)))
+        except Exception as exc:  # noqa: BLE001 - counters are a view; the summary must still be written
+            logger.warning("run %s: operator counters not collected (%s)", run_id, exc, exc_info=True)
     # No shards written, nothing to sample (and no reason to scan the ledger for this run's shards).
     stats.setdefault("sample_shards", [])
     ledger = Ledger(cfg.output.path, cfg.output.storage_options)
