@@ -35,7 +35,7 @@ from ground.storage import join, to_url
 from operators.base import REJECT_REASON, Resources
 from pipelines import stats as stats_mod
 from pipelines.ledger import Ledger
-from pipelines.plan import WRITE_NUM_CPUS
+from pipelines.plan import WRITE_NUM_CPUS, operator_steps
 
 logger = logging.getLogger(__name__)
 
@@ -75,28 +75,31 @@ class ReportData:
 # --------------------------------------------------------------------------- run artifacts
 
 
-def write_run_artifacts(cfg, plan, run_id: str, stats: dict[str, Any]) -> dict[str, Any]:
+def write_run_artifacts(cfg, run_id: str, stats: dict[str, Any]) -> dict[str, Any]:
     """End of a run: merge operator counters into ``stats.json``, write it, then ``report.html``.
 
     ``stats.json`` is written whatever happens to the report; a report that cannot be built is
-    logged as a warning (the data is committed; ``mmcurate report`` can rebuild it).
+    logged as a warning (the data is committed; ``mmcurate report`` can rebuild it). A run that
+    ended in an error (``stats["status"] == "error"``, Ctrl-C included) writes ``stats.json`` with
+    the counters it has, without waiting for late ones and without a report.
 
     Args:
-        cfg: the run's ``PipelineConfig``.
-        plan: the run's ``Plan`` (its steps name and order the operators).
+        cfg: the run's ``PipelineConfig`` (its operators name and order the counters).
         stats: the run summary (``RunSummary.to_dict()``), extended in place.
     Returns:
         The stats written to ``stats.json``.
     """
-    if plan.pending:
-        try:
-            stats.update(stats_mod.collect(run_id, plan.steps, int(stats.get("rows_in") or 0),
-                                           Resources(num_cpus=WRITE_NUM_CPUS)))
-        except Exception as exc:  # noqa: BLE001 - counters are a view; the summary must still be written
-            logger.warning("run %s: operator counters not collected (%s)", run_id, exc, exc_info=True)
+    try:
+        stats.update(stats_mod.collect(run_id, operator_steps(cfg), int(stats.get("rows_in") or 0),
+                                       Resources(num_cpus=WRITE_NUM_CPUS), wait=stats.get("status") != "error"))
+    except Exception as exc:  # noqa: BLE001 - counters are a view; the summary must still be written
+        logger.warning("run %s: operator counters not collected (%s)", run_id, exc, exc_info=True)
+    ledger = Ledger(cfg.output.path, cfg.output.storage_options)
+    if stats.get("status") == "error":  # stopped (an error, Ctrl-C): record it and get out of the way
+        ledger.write_json(f"{RUNS}/{run_id}/{STATS_NAME}", stats)
+        return stats
     # No shards written, nothing to sample (and no reason to scan the ledger for this run's shards).
     stats.setdefault("sample_shards", [])
-    ledger = Ledger(cfg.output.path, cfg.output.storage_options)
     data: ReportData | None = None
     try:
         data = gather(ledger, run_id, stats, cfg.output.rejected_image_bytes)

@@ -276,12 +276,13 @@ def stage_figures(m: dict[str, Any], resources: Resources | None, uses_actors: b
     return out
 
 
-def collect(run_id: str, steps: list, expected_rows: int, writer_resources: Resources | None = None
-            ) -> dict[str, Any]:
+def collect(run_id: str, steps: list, expected_rows: int, writer_resources: Resources | None = None,
+            wait: bool = True) -> dict[str, Any]:
     """Fetch and merge the run's counters into ``stats.json`` keys; stop the collector.
 
-    Waits up to :data:`SETTLE_TIMEOUT_S` until every stage has seen ``expected_rows`` (the rows
-    the run committed). Returns ``{}`` when the run had no collector (nothing was pending).
+    Waits up to :data:`SETTLE_TIMEOUT_S` (if ``wait``) until every stage has seen ``expected_rows``
+    (the rows the run committed). Returns ``{}`` when the run had no collector (nothing was pending,
+    or Ray is not initialised in this process).
 
     Args:
         steps: the plan's ``OperatorStep`` list (names, classes, resources), in order.
@@ -293,7 +294,7 @@ def collect(run_id: str, steps: list, expected_rows: int, writer_resources: Reso
         return {}
     names = stage_names(steps)
     stages = names + [WRITER_STAGE]
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    deadline = time.monotonic() + (SETTLE_TIMEOUT_S if wait else 0.0)
     merged: dict[str, dict[str, Any]] = {}
     complete = False
     while True:
@@ -306,7 +307,7 @@ def collect(run_id: str, steps: list, expected_rows: int, writer_resources: Reso
         if complete or time.monotonic() > deadline:
             break
         time.sleep(SETTLE_POLL_S)
-    if not complete:
+    if not complete and wait:
         logger.warning("run %s: operator counters are incomplete after %.0fs (stats.json says "
                        "stats_complete: false)", run_id, SETTLE_TIMEOUT_S)
     try:
