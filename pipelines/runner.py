@@ -25,6 +25,7 @@ from pipelines.commit import Committer
 from pipelines.ledger import Ledger, ShardProgress
 from pipelines.lock import RunLock
 from pipelines.plan import Plan, build_dataset, make_plan
+from pipelines.report import write_run_artifacts
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +265,7 @@ def run(cfg: PipelineConfig, run_id: str | None = None, break_lock: bool = False
         summary.ended_at = time.time()
         summary.elapsed_s = summary.ended_at - started
         try:
-            ledger.write_json(f"{RUNS}/{run_id}/stats.json", summary.to_dict())
+            write_run_artifacts(cfg, run_id, summary.to_dict())  # stats.json (+ operator counters), report.html
         finally:
             lock.release()
     return summary
