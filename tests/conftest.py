@@ -68,6 +68,15 @@ def pytest_configure(config):
         # never to ~/.cache (operators.models.loading.cache_root, huggingface_hub, datasets).
         "MMCURATE_MODEL_CACHE": str(root / "model-cache"),
         "HF_HOME": str(root / "hf-home"),
+        # Browsers and other tools the tests start keep their caches and settings here too.
+        "XDG_CACHE_HOME": str(root / "xdg-cache"),
+        "XDG_CONFIG_HOME": str(root / "xdg-config"),
+        # ray.init() without an address joins any cluster `ray start` left on this machine;
+        # "local" makes every Ray the tests (and their subprocess runs) start a private one.
+        "RAY_ADDRESS": "local",
+        # Token auth (Ray's default for a new local Ray) writes ~/.ray/auth_token; the tests'
+        # private Rays need none. Tests of `ray start` clusters set RAY_AUTH_MODE themselves.
+        "RAY_AUTH_MODE": "disabled",
     }
     for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "HF_ENDPOINT", "HF_HUB_CACHE"):
         mp.delenv(name, raising=False)  # a developer's own settings must not leak into the tests
@@ -108,18 +117,21 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole session, started by the product's own ``init_ray``.
+    """One private local Ray for the whole session.
 
-    It uses ``tests.helpers.TEST_RAY``, the ``ray`` section every in-process test config
-    carries, so no test config asks for settings this shared Ray silently ignores.
+    It is started with ``tests.helpers.TEST_RAY``, the ``ray`` section every in-process test
+    config carries, so no test config asks for settings this shared Ray silently ignores.
     """
+    import logging
+
     import ray
 
-    from pipelines.runner import init_ray
-    from tests.helpers import make_config
+    from tests.helpers import TEST_RAY
 
     if not ray.is_initialized():
-        init_ray(make_config(["unused"], "unused"))
+        ray.init(address="local", num_cpus=TEST_RAY["num_cpus"], include_dashboard=False,
+                 object_store_memory=TEST_RAY["object_store_memory_mb"] * 1024 * 1024,
+                 logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 
