@@ -109,6 +109,10 @@ def session_dir() -> Path:
     return _SESSION["root"]
 
 
+# Tries to start the session's Ray (see ray_session).
+RAY_START_ATTEMPTS = 3
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -128,10 +132,19 @@ def ray_session():
 
     from tests.helpers import TEST_RAY
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=TEST_RAY["num_cpus"], include_dashboard=False,
-                 object_store_memory=TEST_RAY["object_store_memory_mb"] * 1024 * 1024,
-                 logging_level=logging.WARNING)
+    # Ray gives a new node a fixed 30 s to register; a machine shared by many jobs can miss
+    # that window, so the session tries a few times before giving up.
+    for attempt in range(RAY_START_ATTEMPTS):
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(address="local", num_cpus=TEST_RAY["num_cpus"], include_dashboard=False,
+                     object_store_memory=TEST_RAY["object_store_memory_mb"] * 1024 * 1024,
+                     logging_level=logging.WARNING)
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception on a startup timeout
+            if "timed out during startup" not in str(exc) or attempt == RAY_START_ATTEMPTS - 1:
+                raise
+            ray.shutdown()
     yield ray
     ray.shutdown()
 

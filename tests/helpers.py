@@ -88,15 +88,13 @@ def row_list(fs, root: str) -> list[tuple]:
     return sorted(out, key=repr)
 
 
-def install_in_hub_cache(root, models: dict, commit: str, monkeypatch) -> None:
-    """Lay out local model folders as huggingface_hub's cache does (``models--org--name/snapshots/<commit>``)
-    and point the hub client at it, offline. This fakes only the download, not the loading code."""
+def layout_hub_cache(root, models: dict, commit: str) -> None:
+    """Lay out local model folders as huggingface_hub's cache does (``models--org--name/snapshots/<commit>``).
+
+    This fakes only the download, not the loading code.
+    """
     import shutil
     from pathlib import Path
-
-    from huggingface_hub import constants
-
-    from operators.models import loading
 
     root = Path(root)
     for repo_id, path in models.items():
@@ -104,6 +102,53 @@ def install_in_hub_cache(root, models: dict, commit: str, monkeypatch) -> None:
         shutil.copytree(path, repo / "snapshots" / commit)
         (repo / "refs").mkdir()
         (repo / "refs" / "main").write_text(commit)
+
+
+def install_in_hub_cache(root, models: dict, commit: str, monkeypatch) -> None:
+    """``layout_hub_cache`` and point this process's hub client at it, offline."""
+    from huggingface_hub import constants
+
+    from operators.models import loading
+
+    layout_hub_cache(root, models, commit)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     loading._provenance_cached.cache_clear()
+
+
+class RecordingHub:
+    """An HTTP server on 127.0.0.1 standing in for the HF hub: records every request, answers 500.
+
+    Point ``HF_ENDPOINT`` at ``url`` with offline mode off; ``requests`` then lists every
+    fetch the code under test tried.
+    """
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, str]] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                hub.requests.append((self.command, self.path))
+                body = b"recording hub: no fetch allowed"
+                self.send_response(500)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
