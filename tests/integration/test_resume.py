@@ -38,6 +38,10 @@ OPERATORS = [{"decode": {"resize_max_side": 96, "reencode_format": "png",
              {"min_side": {"min": 32}}]
 # A killed run must not be waited on forever on a loaded machine; generous, never asserted on.
 WAIT_S = 240
+# Ray gives a new node a fixed 30 s to register, which a machine shared by many jobs can miss;
+# a run that dies of exactly that before doing anything is started again, this many times.
+START_ATTEMPTS = 3
+RAY_START_TIMEOUT = "timed out during startup"
 
 
 def _write_config(path: Path, paths: list[str], out: str, in_opts: dict | None = None,
@@ -73,9 +77,32 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def _finish(config: Path) -> None:
-    final = _start(config)
-    _, err = final.communicate(timeout=WAIT_S * 2)
+    for attempt in range(START_ATTEMPTS):
+        final = _start(config)
+        _, err = final.communicate(timeout=WAIT_S * 2)
+        if final.returncode == 0 or RAY_START_TIMEOUT not in err.decode() or attempt == START_ATTEMPTS - 1:
+            break
     assert final.returncode == 0, err.decode()[-2000:]
+
+
+def _start_until(config: Path, reached, what: str) -> subprocess.Popen:
+    """Start a run and return it, still running, once ``reached()`` is true (then kill it)."""
+    for attempt in range(START_ATTEMPTS):
+        proc = _start(config)
+        deadline = time.time() + WAIT_S
+        while not reached():
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode()
+                if RAY_START_TIMEOUT in err and attempt < START_ATTEMPTS - 1:
+                    break
+                pytest.fail(f"run ended before {what}: {err[-2000:]}")
+            if time.time() > deadline:
+                _kill(proc)
+                pytest.fail(f"the run never reached {what}")
+            time.sleep(0.05)
+        else:
+            return proc
+    raise AssertionError("unreachable")
 
 
 def _check_committed_output(fs, out: str, reference: list[tuple], n_shards: int) -> None:
@@ -97,19 +124,12 @@ def _committed(fs, out: str) -> int:
     return len(ledger_records(fs, out)) if fs.exists(f"{out}/_mmcurate/ledger") else 0
 
 
-def _kill_after(proc: subprocess.Popen, ledger: Path, at_least: int) -> int:
-    """SIGKILL the run once ``at_least`` shards are committed (local disk: no proxy to hold it)."""
-    deadline = time.time() + WAIT_S
-    while time.time() < deadline:
-        n = len(list(ledger.glob("*.json"))) if ledger.exists() else 0
-        if n >= at_least:
-            _kill(proc)
-            return n
-        if proc.poll() is not None:
-            pytest.fail(f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.02)
+def _kill_after(config: Path, ledger: Path, at_least: int) -> int:
+    """SIGKILL a run once ``at_least`` shards are committed (local disk: no proxy to hold it)."""
+    count = lambda: len(list(ledger.glob("*.json"))) if ledger.exists() else 0  # noqa: E731
+    proc = _start_until(config, lambda: count() >= at_least, f"{at_least} committed shard(s)")
     _kill(proc)
-    pytest.fail("no shard committed in time")
+    return count()
 
 
 @pytest.mark.slow
@@ -126,21 +146,15 @@ def test_sigkill_on_local_disk_then_rerun_matches_uninterrupted_run(ray_session,
 
     out = tmp_path / "out"
     config = _write_config(tmp_path / "resume.yaml", [str(shards / "*.tar")], str(out))
-    killed_at = _kill_after(_start(config), out / "_mmcurate" / "ledger", at_least=1)
+    killed_at = _kill_after(config, out / "_mmcurate" / "ledger", at_least=1)
     assert killed_at < n_shards, "the run finished before the kill; make it slower"
     _finish(config)
     _check_committed_output(fs, str(out), reference, n_shards)
 
 
-def _held(proc: subprocess.Popen, rule: Rule) -> None:
-    """Wait until the run sends the request ``rule`` holds (the run cannot get past it)."""
-    deadline = time.time() + WAIT_S
-    while not rule.waiting.wait(0.1):
-        if proc.poll() is not None:
-            pytest.fail(f"run ended before the held request: {proc.stderr.read().decode()[-2000:]}")
-        if time.time() > deadline:
-            _kill(proc)
-            pytest.fail(f"the run never sent a request matching {rule.method} {rule.path}")
+def _held(config: Path, rule: Rule) -> subprocess.Popen:
+    """Start a run; return it once it has sent the request ``rule`` holds (it cannot get past it)."""
+    return _start_until(config, rule.waiting.is_set, f"a request matching {rule.method} {rule.path}")
 
 
 def _held_target(proxy: FaultProxy, rule: Rule) -> str:
@@ -170,8 +184,7 @@ def test_sigkill_on_s3_at_ledger_publish_and_read_then_rerun_matches(ray_session
 
         # 1. Between publish and ledger: hold the second shard's ledger record PUT.
         rule = proxy.add_rule("hold", method="PUT", path=r"_mmcurate/ledger/[^/?]+\.json", skip=1)
-        proc = _start(config)
-        _held(proc, rule)
+        proc = _held(config, rule)
         tag = re.search(r"_mmcurate/ledger/([^/?]+)\.json", _held_target(proxy, rule)).group(1)
         fs.invalidate_cache()
         published = [p for p in fs.find(f"{out}/data") if p.rsplit("/", 1)[-1].startswith(tag)]
@@ -183,15 +196,13 @@ def test_sigkill_on_s3_at_ledger_publish_and_read_then_rerun_matches(ray_session
 
         # 2. Mid-publish: hold the second PUT (or server-side copy) of a file under data/ or rejected/.
         rule = proxy.add_rule("hold", method="PUT", path=r"/(data|rejected)/[^?]*\.parquet", skip=1)
-        proc = _start(config)
-        _held(proc, rule)
+        proc = _held(config, rule)
         _kill(proc)
         proxy.clear()
 
         # 3. Mid-read: hold a ranged GET of an input shard while earlier rows are in flight.
         rule = proxy.add_rule("hold", method="GET", path=r"/in/\d+\.tar", skip=2)
-        proc = _start(config)
-        _held(proc, rule)
+        proc = _held(config, rule)
         _kill(proc)
         proxy.clear()
         assert _committed(fs, out) < n_shards, "every shard committed before the last kill"
