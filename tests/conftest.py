@@ -12,7 +12,6 @@ in ``pytest_unconfigure``. A session guard fails the run if anything new appears
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import sys
