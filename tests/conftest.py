@@ -109,7 +109,7 @@ def session_dir() -> Path:
 
 
 # Tries to start the session's Ray (see ray_session).
-RAY_START_ATTEMPTS = 3
+RAY_START_ATTEMPTS = 5
 
 
 def free_port() -> int:

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Ray gives a new node a fixed 30 s to register, which a machine shared by many jobs can miss;
 # a command that fails with exactly that is run again, up to this many times in all.
-START_ATTEMPTS = 3
+START_ATTEMPTS = 5
 
 
 def mmcurate(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -40,7 +40,7 @@ OPERATORS = [{"decode": {"resize_max_side": 96, "reencode_format": "png",
 WAIT_S = 240
 # Ray gives a new node a fixed 30 s to register, which a machine shared by many jobs can miss;
 # a run that dies of exactly that before doing anything is started again, this many times.
-START_ATTEMPTS = 3
+START_ATTEMPTS = 5
 RAY_START_TIMEOUT = "timed out during startup"
 
 
