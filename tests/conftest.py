@@ -12,6 +12,7 @@ in ``pytest_unconfigure``. A session guard fails the run if anything new appears
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import sys
@@ -79,6 +80,9 @@ def pytest_configure(config):
     }
     for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "HF_ENDPOINT", "HF_HUB_CACHE"):
         mp.delenv(name, raising=False)  # a developer's own settings must not leak into the tests
+    browsers = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ms-playwright"
+    if browsers.is_dir() and "PLAYWRIGHT_BROWSERS_PATH" not in os.environ:
+        env["PLAYWRIGHT_BROWSERS_PATH"] = str(browsers)  # installed browsers stay findable
     for name, value in env.items():
         mp.setenv(name, value)
     _SESSION.update(root=root, monkeypatch=mp, home_before=_home_entries())
