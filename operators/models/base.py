@@ -101,8 +101,13 @@ class ModelOperator(Operator):
         # unset value from the cluster before the actor starts). Ray itself sets OMP_NUM_THREADS to
         # floor(num_cpus), which leaves 1.5 CPUs running one torch thread.
         assigned = config.resources.num_cpus
-        threads = config.cpu_threads or (max(1, round(assigned)) if assigned else None)
-        if threads and self.device == "cpu":
+        if self.device == "cpu":
+            threads = config.cpu_threads or (max(1, round(assigned)) if assigned else None)
+        else:
+            # On a GPU the only CPU torch work is preprocessing, spread over the prepare threads:
+            # intra-op threads on top of them would oversubscribe the cores many times over.
+            threads = config.cpu_threads or 1
+        if threads:
             torch.set_num_threads(threads)
         self.prefetcher = Prefetcher(config.prepare_threads or max(1, round(assigned or 1)),
                                      config.max_inflight_pixels_mb * 1024 * 1024)
