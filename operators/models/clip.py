@@ -70,7 +70,7 @@ class PlainRecipe:
             ch, cw = self.crop
             top, left = (image.size[1] - ch) // 2, (image.size[0] - cw) // 2
             image = image.crop((left, top, left + cw, top + ch))
-        return np.asarray(image, dtype=np.uint8)
+        return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only
 
     def normalize(self, pixels, dtype):
         """uint8 [n, H, W, 3] (a torch tensor on the model's device) -> normalised [n, 3, H, W] in ``dtype``."""
