@@ -36,7 +36,9 @@ def demo_config_text() -> tuple[str, str]:
         return DEMO_CONFIG.read_text(), str(DEMO_CONFIG)
     from importlib.resources import files
 
-    resource = files(DEMO_RESOURCE[0]).joinpath(*DEMO_RESOURCE[1].split("/"))
+    resource = files(DEMO_RESOURCE[0])
+    for part in DEMO_RESOURCE[1].split("/"):  # one part per call: a namespace package's path takes one
+        resource = resource.joinpath(part)
     return resource.read_text(), f"{DEMO_RESOURCE[0]}/{DEMO_RESOURCE[1]}"
 
 

@@ -115,9 +115,9 @@ def build_clip(path: str | Path, seed: int = 0, projection_dim: int = PROJECTION
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
         vision_config=_vision_kw(), projection_dim=projection_dim)
     model = CLIPModel(cfg).eval()
-    proc = CLIPProcessor(image_processor=image_processor_class("CLIPImageProcessor")(size={"shortest_edge": IMAGE_SIZE},
-                                                           crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
-                         tokenizer=tok)
+    image_processor = image_processor_class("CLIPImageProcessor")(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    proc = CLIPProcessor(image_processor=image_processor, tokenizer=tok)
     model.save_pretrained(path)
     proc.save_pretrained(path)
     _mark_random(path, "clip")
@@ -177,7 +177,8 @@ def build_siglip(path: str | Path, seed: int = 0) -> Path:
     cfg.text_config.eos_token_id = tok.sep_token_id
     model = SiglipModel(cfg).eval()
     model.save_pretrained(path)
-    image_processor_class("SiglipImageProcessor")(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+    square = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    image_processor_class("SiglipImageProcessor")(size=square).save_pretrained(path)
     tok.save_pretrained(path)
     _mark_random(path, "siglip")
     return path
@@ -235,7 +236,8 @@ def build_blip(path: str | Path, seed: int = 0) -> Path:
         vision_config=_vision_kw(), projection_dim=PROJECTION_DIM)
     model = BlipForConditionalGeneration(cfg).eval()
     model.save_pretrained(path)
-    BlipProcessor(image_processor=image_processor_class("BlipImageProcessor")(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+    square = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    BlipProcessor(image_processor=image_processor_class("BlipImageProcessor")(size=square),
                   tokenizer=tok).save_pretrained(path)
     _mark_random(path, "blip")
     return path
@@ -271,8 +273,8 @@ def build_llava(path: str | Path, seed: int = 0) -> Path:
     model.generation_config.eos_token_id = eot
     model.save_pretrained(path)
     proc = LlavaProcessor(
-        image_processor=image_processor_class("CLIPImageProcessor")(size={"shortest_edge": IMAGE_SIZE},
-                                           crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        image_processor=image_processor_class("CLIPImageProcessor")(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
         tokenizer=tok, patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
         chat_template=TINY_CHAT_TEMPLATE, num_additional_image_tokens=1)
     proc.save_pretrained(path)

@@ -11,6 +11,7 @@ code and conf/ that run are only those inside the wheel.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -24,16 +25,28 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
+def clean_env() -> dict[str, str]:
+    """The environment without anything pointing at this checkout (PYTHONPATH, VIRTUAL_ENV)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(RAY_DATA_DISABLE_PROGRESS_BARS="1", HF_HUB_OFFLINE="1")
+    return env
+
+
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("env", clean_env())
     proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
     assert proc.returncode == 0, f"{cmd[:3]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
 def test_wheel_installs_and_runs_the_demo_outside_the_checkout(tmp_path):
+    # build from a copy: a build writes build/ and *.egg-info next to the sources
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", "mmcurate-demo"))
     dist = tmp_path / "dist"
     run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist),
-         str(REPO)], cwd=tmp_path)
+         str(src)], cwd=tmp_path)
     (wheel,) = dist.glob("mmcurate-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "mmcurate_conf/pipelines/demo.yaml" in names
@@ -58,8 +71,7 @@ def test_wheel_installs_and_runs_the_demo_outside_the_checkout(tmp_path):
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(RAY_DATA_DISABLE_PROGRESS_BARS="1", HF_HUB_OFFLINE="1")
+    env = clean_env()
     where = run([str(python), "-c", "import jobs, operators; print(jobs.__file__, operators.__file__)"],
                 cwd=elsewhere, env=env).stdout
     assert str(REPO) not in where and str(site) in where
