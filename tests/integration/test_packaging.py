@@ -78,4 +78,7 @@ def test_wheel_installs_and_runs_the_demo_outside_the_checkout(tmp_path):
     proc = run([str(venv / "bin" / "mmcurate"), "demo", "--output", str(elsewhere / "demo"), "--shards", "1",
                 "--samples", "4"], cwd=elsewhere, env=env, timeout=900)
     assert "committed" in proc.stdout
+    # the warnings a new user used to see on the demo (issue 8 item 7)
+    for noise in ("requires torchvision", "attention mask is not set"):
+        assert noise not in proc.stderr, proc.stderr[-2000:]
     assert any((elsewhere / "demo" / "out" / "data").rglob("*.parquet"))
