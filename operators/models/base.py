@@ -72,7 +72,8 @@ class ModelConfig(OperatorConfig):
         None, ge=1, description="torch intra-op threads on CPU (default: round(CPUs the actor was given))")
     forward_batch_size: int = Field(32, ge=1, description="rows per forward pass; the Ray batch is split into these")
     prepare_threads: int | None = Field(
-        None, ge=1, description="threads decoding/preprocessing ahead of the model (default: CPUs the actor was given; half on a GPU)")
+        None, ge=1,
+        description="threads decoding/preprocessing ahead of the model (default: the actor's CPUs; half on a GPU)")
     max_inflight_pixels_mb: int = Field(
         DEFAULT_MAX_INFLIGHT_PIXELS_MB, ge=1,
         description="per actor: decoded pixels + prepared inputs waiting for the model, at most this many MB")
