@@ -49,7 +49,7 @@ def main() -> None:
     for k in range(args.pairs):
         bare_t.append(timed_run(bare_cmd(str(model), shards, work / "bare" / str(k))))
         pipe_t.append(timed_run(pipeline_cmd(work, "default", shards, str(model), ["decode", "clip"])))
-        print(ratio_line(f"pair {k + 1}", bare_t[-1], pipe_t[-1]))
+        print(ratio_line(f"pair {k + 1}", bare_t[-1], pipe_t[-1]), flush=True)
     print(ratio_line("median", statistics.median(bare_t), statistics.median(pipe_t)))
 
     # steady state: the extra shards of an N-shard run over a 1-shard run, for both
