@@ -41,6 +41,10 @@ CLUSTER_READY_S = 300
 JOB_DONE_S = 420
 N_SHARDS, GOOD, BAD_PER_SHARD = 2, 6, 4  # jobs.sample_data: 4 bad samples per shard
 
+# Bringing the cluster up counts against the first test's timeout: on a loaded machine it takes
+# several node-start attempts (about 5 minutes seen with eight suites on two cores).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
 
 def _node_ports() -> list[str]:
     """Free ports for everything a node listens on, so this cluster never collides with another."""
