@@ -50,6 +50,8 @@ SHIPPED_PACKAGES = ("ground", "operators", "pipelines", "jobs")
 JOB_CONFIG_NAME = "mmcurate-job.yaml"
 # Environment variable that carries the resolved config when the job runs in an image.
 JOB_CONFIG_ENV = "MMCURATE_JOB_CONFIG"
+# Ray's switch that lets a job's driver runtime_env override the job's on a conflicting key.
+OVERRIDE_RUNTIME_ENV = "RAY_OVERRIDE_JOB_RUNTIME_ENV"
 # Never uploaded, whatever a package folder holds.
 SHIP_EXCLUDES = ["__pycache__", "*.pyc", ".pytest_cache"]
 # Metadata keys on every job we submit: `mmcurate jobs` lists only jobs that carry them.
@@ -103,8 +105,7 @@ def job_config_yaml(cfg: PipelineConfig) -> str:
     through ``RAY_ADDRESS``, and local-Ray sizes make no sense there.
     """
     data = cfg.model_dump(mode="json")
-    data["ray"] = {"address": None, "num_cpus": None, "object_store_memory_mb": None,
-                   "no_progress_timeout_s": cfg.ray.no_progress_timeout_s}
+    data["ray"].update(address=None, num_cpus=None, object_store_memory_mb=None)
     data.pop("submit", None)
     return yaml.safe_dump(data, sort_keys=False)
 
@@ -139,15 +140,18 @@ def build_submission(cfg: PipelineConfig, staging: Path, date: str | None = None
     if CONF_DIR.is_dir():
         shutil.copytree(CONF_DIR, workdir / "conf", ignore=shutil.ignore_patterns(*SHIP_EXCLUDES))
     (workdir / JOB_CONFIG_NAME).write_text(text)
+    # `mmcurate run` inside the job may pass its own py_modules to ray.init (pipelines.runner ships
+    # the packages whenever it connects to a cluster); Ray refuses to merge two py_modules unless
+    # told that the driver's (the same packages, re-shipped from the job's copy) may win.
+    env_vars.setdefault(OVERRIDE_RUNTIME_ENV, "1")
     runtime_env: dict[str, Any] = {
         "working_dir": str(workdir),
         "py_modules": [str(Path(importlib.import_module(p).__file__).parent) for p in SHIPPED_PACKAGES],
         "excludes": list(SHIP_EXCLUDES),
+        "env_vars": env_vars,
     }
     if cfg.submit.pip:
         runtime_env["pip"] = list(cfg.submit.pip)
-    if env_vars:
-        runtime_env["env_vars"] = env_vars
     return Submission(base_id=base, entrypoint=f"python -m jobs.cli run {JOB_CONFIG_NAME}",
                       runtime_env=runtime_env, metadata=metadata,
                       entrypoint_num_cpus=cfg.submit.entrypoint_num_cpus,
