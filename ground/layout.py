@@ -12,6 +12,10 @@ META_DIR = "_mmcurate"
 LEDGER = f"{META_DIR}/ledger"
 RUNS = f"{META_DIR}/runs"
 STAGING = f"{META_DIR}/staging"
+FAILURES = f"{META_DIR}/failures"      # <tag>.json: consecutive failed runs of a pending shard
+QUARANTINE = f"{META_DIR}/quarantine"  # <tag>.json: shards skipped until --retry-quarantined
+LOCK = f"{META_DIR}/lock"              # the run lease: one run at a time per output
+REPLACED = f"{META_DIR}/replaced"      # <tag>.json: old files of a redone shard, deleted after its record swap
 KINDS = (DATA, REJECTED)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")

@@ -30,9 +30,16 @@ DECODE_FIELDS = [
 # Internal bookkeeping columns for the commit loop; never written to output files.
 #   _shard_rows: set on the rows of a shard's last block to the shard's total row count.
 #   _shard_damage: set alongside it when the reader hit damage (truncated tar, ...).
+#   _shard_marker: set on a marker row that is not a sample: "end" (a shard that ended with no
+#   rows to stamp, e.g. damaged before its first sample) or "failed" (the read failed; the
+#   message is in _shard_damage). Writers never write marker rows; they report them.
 SHARD_ROWS = "_shard_rows"
 SHARD_DAMAGE = "_shard_damage"
-INTERNAL_FIELDS = [pa.field(SHARD_ROWS, pa.int64()), pa.field(SHARD_DAMAGE, pa.string())]
+SHARD_MARKER = "_shard_marker"
+MARKER_END = "end"
+MARKER_FAILED = "failed"
+INTERNAL_FIELDS = [pa.field(SHARD_ROWS, pa.int64()), pa.field(SHARD_DAMAGE, pa.string()),
+                   pa.field(SHARD_MARKER, pa.string())]
 
 CORE_ORDER = [f.name for f in READER_SCHEMA] + [f.name for f in DECODE_FIELDS]
 

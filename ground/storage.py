@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import glob as _glob
+import io
 import logging
 import os
 import random
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import fsspec
 from braceexpand import braceexpand
 
-from ground.errors import StorageError
+from ground.errors import StorageError, TransientStorageError
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,14 @@ T = TypeVar("T")
 # unreachable endpoint still fails within a minute.
 S3_RETRY_CONFIG = {"retries": {"max_attempts": 6, "mode": "adaptive"}}
 _GLOB_CHARS = set("*?[")
+# Our own read retries sit on top of botocore's and s3fs's: a reset or timeout that outlasts
+# theirs gets a fresh connection at the same byte offset. Five attempts with 0.5 s doubling
+# backoff (about 15 s in all) ride out a flapping link; a dead endpoint still fails the shard
+# quickly enough for the in-run shard retries to try again later.
+READ_ATTEMPTS = 5
+READ_BACKOFF_S = 0.5
+# Errors that are the object's answer, not the network's: retrying them cannot help.
+_PERMANENT_OPEN_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def _with_defaults(protocol: str, storage_options: dict[str, Any]) -> dict[str, Any]:
@@ -126,3 +135,116 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float =
 
 def local_glob(pattern: str) -> list[str]:
     return sorted(_glob.glob(pattern))
+
+
+class ResumableFile(io.RawIOBase):
+    """A read-only, seekable file that survives transient read errors by re-opening at its offset.
+
+    ``read`` errors (resets, timeouts, cut bodies that s3fs's own retries did not absorb) close
+    the underlying file, wait with exponential backoff and re-open the object at the byte where
+    the stream broke, so callers (tarfile, pyarrow) see one unbroken stream.
+
+    Raises:
+        FileNotFoundError, PermissionError: the object is gone or denied (never retried).
+        TransientStorageError: still failing after ``attempts`` tries; names the URL and offset.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, attempts: int = READ_ATTEMPTS,
+                 base_delay: float = READ_BACKOFF_S):
+        super().__init__()
+        self._fs, self._path = fs, path
+        self._attempts, self._base_delay = max(1, attempts), base_delay
+        self._pos = 0
+        self._size: int | None = None
+        self._f = None
+        self.reopens = 0
+        self._with_retries(self._ensure_open, "open")
+
+    def _ensure_open(self) -> None:
+        if self._f is None:
+            self._f = self._fs.open(self._path, "rb")
+            if self._pos:
+                self._f.seek(self._pos)
+
+    def _drop(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            try:
+                f.close()
+            except Exception:  # noqa: BLE001 - a broken connection may fail to close too
+                pass
+
+    def _with_retries(self, fn: Callable[[], T], what: str) -> T:
+        for i in range(self._attempts):
+            try:
+                self._ensure_open()
+                return fn()
+            except _PERMANENT_OPEN_ERRORS:
+                raise
+            except Exception as exc:  # noqa: BLE001 - resets surface as OSError, aiohttp or botocore errors
+                self._drop()
+                if i == self._attempts - 1:
+                    raise TransientStorageError(
+                        f"{to_url(self._fs, self._path)}: {what} failed at byte {self._pos} after "
+                        f"{self._attempts} attempts ({describe_error(exc)})") from None
+                delay = self._base_delay * 2**i
+                logger.warning("%s: %s failed at byte %d (%s); re-opening in %.1fs", self._path, what,
+                               self._pos, describe_error(exc), delay)
+                self.reopens += 1
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def size(self) -> int:
+        if self._size is None:
+            self._size = int(self._with_retries(lambda: self._fs.size(self._path), "size"))
+        return self._size
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            offset += self._pos
+        elif whence == io.SEEK_END:
+            offset += self.size()
+        if offset < 0:
+            raise ValueError(f"negative seek position {offset}")
+        if offset != self._pos:
+            self._pos = offset
+            if self._f is not None:
+                try:
+                    self._f.seek(offset)
+                except Exception:  # noqa: BLE001 - re-opened at the new offset on next read
+                    self._drop()
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        def once() -> bytes:
+            return self._f.read(size)
+
+        data = self._with_retries(once, "read")
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+def is_permanent_open_error(exc: BaseException) -> bool:
+    """True for errors that are the object's own answer (gone, denied), not a network fault."""
+    return isinstance(exc, _PERMANENT_OPEN_ERRORS)

@@ -1,6 +1,9 @@
 """``mmcurate``: run, plan and demo pipelines.
 
 Config and systemic errors exit non-zero with one line on stderr, never a traceback.
+Exit codes of ``run``: 0 every pending shard committed; 3 finished, but shards failed or are
+quarantined (one line each); 4 another run holds the output's lock; 2 config or storage
+error; 1 anything else (a stalled plan, a bug).
 """
 
 from __future__ import annotations
@@ -47,22 +50,42 @@ def print_summary(summary) -> None:
                f"({d['rows_per_s']:.1f} rows/s over {d['elapsed_s']:.1f}s)")
     for reason, n in d["rejected_by_reason"].items():
         typer.echo(f"        {n:>8}  {reason}")
+    typer.echo(f"outcome: {s['committed']} committed ({s['damaged']} damaged), {s['failed']} failed, "
+               f"{s['quarantined']} quarantined; {d['rows_lost']} row(s) known lost")
+    # One line per shard that needs a person's eye, so a scheduler's mail names every one.
     for shard, damage in d["damaged_shards"].items():
         typer.echo(f"damaged shard {shard}: {damage}")
+    for shard, change in d["changed_shards"].items():
+        typer.echo(f"changed shard {shard}: {change['action']} (size {change['was']['source_size']} -> "
+                   f"{change['now']['source_size']})")
+    for shard, why in d["failed_shards"].items():
+        typer.echo(f"failed shard {shard}: {why}")
+    for shard, why in d["quarantined_shards"].items():
+        typer.echo(f"quarantined shard {shard}: {why}")
 
 
 @app.command()
 def run(config: Path = typer.Argument(..., help="pipeline YAML"),
         set_: Optional[list[str]] = typer.Option(None, "--set", help="override: dotted.key=YAML value"),
+        break_lock: bool = typer.Option(False, "--break-lock",
+                                        help="take the output's run lock even if another run holds it"),
+        retry_quarantined: bool = typer.Option(False, "--retry-quarantined",
+                                               help="release quarantined shards and try them again"),
         log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING")) -> None:
-    """Run a pipeline (local Ray unless ray.address is set); committed shards are skipped."""
+    """Run a pipeline (local Ray unless ray.address is set); committed shards are skipped.
+
+    Exit 0: all committed; 3: some shards failed or are quarantined; 4: locked by another run;
+    2: config/storage error; 1: other.
+    """
     _setup_logging(log_level)
     from pipelines import config as config_mod
     from pipelines.runner import run as run_pipeline
 
     cfg = config_mod.load(config, set_ or [])
-    summary = run_pipeline(cfg)
+    summary = run_pipeline(cfg, break_lock=break_lock, retry_quarantined=retry_quarantined)
     print_summary(summary)
+    if summary.exit_code:
+        raise typer.Exit(summary.exit_code)
 
 
 @app.command()
@@ -151,12 +174,16 @@ def main() -> None:
         app()
     except MmcurateError as exc:
         typer.echo(f"mmcurate: error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("mmcurate: interrupted; rerun the same command to resume", err=True)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - systemic faults: one line, traceback only at DEBUG
         logger.debug("traceback", exc_info=True)
+        cause = root_cause(exc)
+        if isinstance(cause, MmcurateError):  # raised inside a Ray task and wrapped on the way out
+            typer.echo(f"mmcurate: error: {cause}", err=True)
+            sys.exit(cause.exit_code)
         typer.echo(f"mmcurate: error: {one_line(exc)} (rerun with --log-level DEBUG for the traceback)", err=True)
         sys.exit(1)
 

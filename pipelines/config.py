@@ -53,6 +53,13 @@ class InputConfig(StrictModel):
     images_prefix: str | None = Field(None, description="coco: folder/URL the file_name entries are relative to")
     coco_rows: Literal["per_caption", "per_image"] = "per_caption"
     coco_images_per_shard: int = Field(1000, ge=1)
+    # shard outcomes and incremental runs (docs/readme/nightly.md)
+    read_attempts: int = Field(5, ge=1, description="re-opens at the broken byte offset before a read fails")
+    shard_retries: int = Field(2, ge=0, description="in-run retries of failed shards, with backoff")
+    shard_retry_backoff_s: float = Field(5.0, ge=0, description="wait before the first in-run retry; doubles")
+    quarantine_after: int = Field(3, ge=1, description="consecutive failed runs before a shard is quarantined")
+    on_change: Literal["report", "redo", "ignore"] = Field(
+        "report", description="a committed shard whose size/ETag changed: warn, redo it, or do not check")
 
     @field_validator("paths", mode="before")
     @classmethod
@@ -70,6 +77,7 @@ class OutputConfig(StrictModel):
     compression_level: int | None = 3
     rejected_image_bytes: bool = Field(False, description="keep image bytes in rejected/ rows")
     write_batch_rows: int = Field(2048, ge=1, description="rows a writer task gathers before writing")
+    lock_ttl_s: float = Field(600.0, gt=0, description="a run lock not renewed for this long is taken over")
 
 
 class RayConfig(StrictModel):
@@ -79,6 +87,8 @@ class RayConfig(StrictModel):
     num_cpus: int | None = Field(None, ge=1, description="local Ray only")
     object_store_memory_mb: int | None = Field(None, ge=64, description="local Ray only")
     no_progress_timeout_s: float = Field(600.0, gt=0, description="a stalled plan becomes an error")
+    connect_timeout_s: float = Field(60.0, gt=0, description="give up connecting to ray.address after this")
+    autoscaling: bool = Field(False, description="the cluster adds nodes on demand: resource checks warn, not fail")
 
 
 class SubmitConfig(StrictModel):
@@ -273,9 +283,10 @@ def config_hash(cfg: PipelineConfig) -> str:
     d = cfg.model_dump(mode="json")
     # Where shards are (a nightly run sees new paths), how they are batched and how big
     # files get do not change which rows come out or what they hold.
-    for key in ("storage_options", "paths", "block_rows", "read_concurrency"):
+    for key in ("storage_options", "paths", "block_rows", "read_concurrency", "read_attempts", "shard_retries",
+                "shard_retry_backoff_s", "quarantine_after", "on_change"):
         d["input"].pop(key, None)
-    for key in ("storage_options", "path", "write_batch_rows", "target_file_size_mb"):
+    for key in ("storage_options", "path", "write_batch_rows", "target_file_size_mb", "lock_ttl_s"):
         d["output"].pop(key, None)
     d.pop("ray", None)
     d.pop("submit", None)  # how a job is packaged does not change its rows

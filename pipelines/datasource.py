@@ -1,7 +1,10 @@
 """The Ray Data datasource over shard readers: exactly one read task per shard.
 
 Readers (``operators/readers``) know formats and know nothing of Ray; this adapter is the
-only place they meet Ray Data.
+only place they meet Ray Data. A read task never raises for a data or storage problem: the
+reader turns damage and failures into stamped blocks or marker rows (see
+``operators.readers.base``), so one bad shard cannot kill the plan. Only a config error
+(the config does not fit the data) escapes and stops the run.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from ground.storage import describe_error
 from operators.readers.base import BLOCK_SCHEMA, ShardReader
 
 
@@ -39,11 +41,7 @@ class ShardDatasource(Datasource):
             reader = self._reader
 
             def read_fn(shard: str = shard, reader: ShardReader = reader) -> Iterator[pa.Table]:
-                try:
-                    yield from reader.read_blocks(shard)
-                except (OSError, PermissionError) as exc:
-                    # Systemic (unreachable bucket, denied): stop the run naming the shard.
-                    raise OSError(f"cannot read shard {shard}: {describe_error(exc)}") from None
+                yield from reader.read_blocks(shard)
 
             tasks.append(ReadTask(read_fn, meta, schema=BLOCK_SCHEMA))
         return tasks

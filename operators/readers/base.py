@@ -4,6 +4,18 @@ A reader turns one shard URL into :class:`Sample` records; ``pipelines.datasourc
 them into Arrow blocks of ``block_rows`` rows with the core reader columns. Rows of a
 shard's final block carry the shard's total row count (``_shard_rows``) so the driver's
 commit loop knows when every row of the shard has been written.
+
+Every shard ends in exactly one outcome the driver hears about, and reading never raises
+for a data problem:
+
+* complete: the last block is stamped with the row total (and the damage, if the reader
+  found bad bytes after some samples: truncated tar, corrupt row group);
+* complete with no rows (an empty or wholly unreadable shard): one ``end`` marker row carries
+  the total 0 and the damage;
+* failed (a transient or unexplained error that outlasted the read retries): a ``failed``
+  marker row carries the message; rows already emitted are discarded by the driver.
+
+Only a :class:`~ground.errors.ConfigError` (the config does not fit the data) is raised.
 """
 
 from __future__ import annotations
@@ -11,14 +23,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from ground.schema import INTERNAL_FIELDS, READER_SCHEMA, SHARD_DAMAGE, SHARD_ROWS
-from ground.storage import expand_paths, filesystem
+from ground.errors import ConfigError
+from ground.schema import (INTERNAL_FIELDS, MARKER_END, MARKER_FAILED, READER_SCHEMA, SHARD_DAMAGE,
+                           SHARD_MARKER, SHARD_ROWS)
+from ground.storage import READ_ATTEMPTS, ResumableFile, describe_error, expand_paths, filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +54,28 @@ class Sample:
 
 @dataclass
 class ShardDamage:
-    """Damage found while reading a shard (recorded in the ledger, not raised)."""
+    """Damage found while reading a shard (recorded in the ledger, not raised).
+
+    ``rows_lost``: rows the shard held past the damage, when the format says (Parquet's footer).
+    """
 
     message: str | None = None
+    rows_lost: int | None = None
+
+    def describe(self) -> str | None:
+        """The message as it travels to the ledger: ``... [rows_lost=N]`` when the count is known."""
+        if self.message is None or self.rows_lost is None:
+            return self.message
+        return f"{self.message} [rows_lost={self.rows_lost}]"
+
+
+_ROWS_LOST = re.compile(r"\[rows_lost=(\d+)\]$")
+
+
+def rows_lost_of(damage: str | None) -> int | None:
+    """The ``rows_lost`` count a damage message carries, or None when it is not knowable."""
+    match = _ROWS_LOST.search(damage or "")
+    return int(match.group(1)) if match else None
 
 
 @dataclass
@@ -66,9 +100,27 @@ class ShardReader:
     def samples(self, shard: str, damage: ShardDamage) -> Iterator[Sample]:  # pragma: no cover
         raise NotImplementedError
 
-    def open(self, url: str):
+    def open(self, url: str) -> ResumableFile:
+        """Open a shard for reading; transient errors re-open it at the same offset."""
         fs, path = filesystem(url, self.storage_options)
-        return fs.open(path, "rb")
+        return ResumableFile(fs, path, attempts=int(self.options.get("read_attempts") or READ_ATTEMPTS))
+
+    def fingerprint(self, shard: str) -> dict[str, Any]:
+        """Size and ETag (or mtime) of the shard's object: how a later run sees that it changed.
+
+        Returns ``{"source_size": None, "source_etag": None}`` when the object cannot be
+        inspected (a fingerprint is informative, not required).
+        """
+        url = shard.split("#", 1)[0]
+        try:
+            fs, path = filesystem(url, self.storage_options)
+            info = fs.info(path)
+        except Exception as exc:  # noqa: BLE001 - see Returns
+            logger.debug("no fingerprint for %s: %s", shard, exc)
+            return {"source_size": None, "source_etag": None}
+        etag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        return {"source_size": info.get("size"),
+                "source_etag": None if etag is None else str(etag).strip('"')}
 
     # -- block building -------------------------------------------------------------
     def read_blocks(self, shard: str) -> Iterator[pa.Table]:
@@ -84,13 +136,34 @@ class ShardReader:
                     out, pending = pending[:block_rows], pending[block_rows:]
                     total += len(out)
                     yield self._block(shard, out, None, None)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"shard {shard} disappeared while reading: {exc}") from None
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - transient or unexplained: the shard failed, not the run
+            message = describe_error(exc)
+            if isinstance(exc, FileNotFoundError):
+                message = f"disappeared while reading ({message})"
+            logger.warning("shard %s failed: %s", shard, message)
+            yield self.marker(shard, MARKER_FAILED, message=message)
+            return
         total += len(pending)
         if damage.message:
             logger.warning("shard %s damaged: %s", shard, damage.message)
         if pending:
-            yield self._block(shard, pending, total, damage.message)
+            yield self._block(shard, pending, total, damage.describe())
+        else:  # nothing to stamp: the driver still hears how the shard ended
+            yield self.marker(shard, MARKER_END, message=damage.describe())
+
+    def marker(self, shard: str, kind: str, message: str | None = None) -> pa.Table:
+        """One marker row (not a sample) telling the driver a shard ended with no row to stamp.
+
+        ``end``: the shard is complete with 0 rows (``message`` is its damage, if any);
+        ``failed``: reading failed (``message`` says why). The writer reports it, never writes it.
+        """
+        cols = {name: [None] for name in BLOCK_SCHEMA.names}
+        cols.update({"key": [""], "source_shard": [shard], "reject_reason": [f"{self.name}:shard_marker"],
+                     SHARD_ROWS: [0 if kind == MARKER_END else None], SHARD_DAMAGE: [message],
+                     SHARD_MARKER: [kind]})
+        return pa.table(cols, schema=BLOCK_SCHEMA)
 
     def _block(self, shard: str, samples: list[Sample], total: int | None, damage: str | None) -> pa.Table:
         n = len(samples)
@@ -105,6 +178,7 @@ class ShardReader:
             "reject_reason": [None if s.reject is None else f"{self.name}:{s.reject}" for s in samples],
             SHARD_ROWS: [total] * n,
             SHARD_DAMAGE: [damage] * n,
+            SHARD_MARKER: [None] * n,
         }
         return pa.table(cols, schema=BLOCK_SCHEMA)
 

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from operators.readers.base import Sample, ShardDamage, ShardReader
 from ground.errors import ConfigError
+from ground.storage import describe_error
 
 
 def _jsonable(value: Any) -> Any:
@@ -33,7 +34,8 @@ class ParquetReader(ShardReader):
     ``id_column`` (optional; without it the key is ``<file stem>/<row number>``).
     Every other column goes into ``meta`` as a JSON object (binary values become null).
     Failure behaviour: a null or empty image -> ``parquet:missing_image``; a missing
-    configured column is a config error naming the file.
+    configured column is a config error naming the file; bytes that are not Parquet (or a
+    corrupt row group) damage the shard: the rows before it are kept and the damage recorded.
     """
 
     name = "parquet"
@@ -44,14 +46,31 @@ class ParquetReader(ShardReader):
         id_col = self.options.get("id_column")
         stem = posixpath.basename(shard).rsplit(".", 1)[0]
         with self.open(shard) as f:
-            pf = pq.ParquetFile(f)
+            try:
+                pf = pq.ParquetFile(f)
+            except (pa.ArrowException, OSError) as exc:
+                if isinstance(exc, (FileNotFoundError, PermissionError)):
+                    raise
+                damage.message = f"not a readable Parquet file: {describe_error(exc)}"
+                return
             names = pf.schema_arrow.names
             for col in (image_col, text_col, id_col):
                 if col is not None and col not in names:
                     raise ConfigError(f"{shard}: column {col!r} not found (columns: {', '.join(names)})")
             extra = [n for n in names if n not in (image_col, text_col, id_col)]
             row = 0
-            for batch in pf.iter_batches(batch_size=int(self.options.get("block_rows", 256))):
+            batches = pf.iter_batches(batch_size=int(self.options.get("block_rows", 256)))
+            while True:
+                try:
+                    batch = next(batches, None)
+                except (pa.ArrowException, OSError) as exc:
+                    if isinstance(exc, (FileNotFoundError, PermissionError)):
+                        raise
+                    damage.message = f"Parquet damaged after {row} rows: {describe_error(exc)}"
+                    damage.rows_lost = max(pf.metadata.num_rows - row, 0)
+                    return
+                if batch is None:
+                    break
                 table = pa.Table.from_batches([batch])
                 images = table[image_col].to_pylist()
                 texts = table[text_col].to_pylist() if text_col else [None] * table.num_rows

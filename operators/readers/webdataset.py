@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import lzma
 import posixpath
 import tarfile
 import zlib
@@ -32,7 +33,10 @@ class WebDatasetReader(ShardReader):
     that is not UTF-8 -> ``webdataset:text_not_utf8``; a sidecar that is not JSON ->
     ``webdataset:invalid_json``. A truncated or corrupt tar yields every sample before the
     cut; the sample being read at the cut becomes ``webdataset:truncated_sample`` and the
-    shard's damage is recorded in its ledger record.
+    shard's damage is recorded in its ledger record. An object that is not a tar at all (an
+    HTML error body, zero bytes) is damaged with 0 rows. Network faults never count as damage:
+    reads go through :class:`~ground.storage.ResumableFile`, whose final error is not an
+    ``OSError`` and fails the shard instead.
     """
 
     name = "webdataset"
@@ -55,7 +59,9 @@ class WebDatasetReader(ShardReader):
                         group_key = key
                         data = tar.extractfile(member).read()
                         members[ext] = (member.name, data)
-            except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+            except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
+                # OSError here is the decompressor's (gzip.BadGzipFile, bz2): storage faults
+                # arrive as TransientStorageError or FileNotFoundError/PermissionError.
                 if isinstance(exc, (FileNotFoundError, PermissionError)):
                     raise
                 damage.message = f"tar damaged after {count} complete samples: {exc.__class__.__name__}: {exc}"

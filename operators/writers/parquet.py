@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ground.schema import IMAGE_TYPE, SHARD_DAMAGE, SHARD_ROWS, output_schema
+from ground.schema import IMAGE_TYPE, SHARD_DAMAGE, SHARD_MARKER, SHARD_ROWS, output_schema
 from ground.layout import DATA, REJECTED, STAGING, shard_tag
 from ground.storage import filesystem, is_local, join, retry
 
@@ -27,7 +27,9 @@ RECORD_SCHEMA = pa.schema([
     ("reasons", pa.string()),  # JSON {reason: count}
     ("shard_rows", pa.int64()),
     ("shard_damage", pa.string()),
+    ("shard_marker", pa.string()),  # "end"/"failed" on a marker's record (kind "marker", no file)
 ])
+MARKER_KIND = "marker"
 
 
 class StagingParquetWriter:
@@ -36,7 +38,9 @@ class StagingParquetWriter:
     Input: all columns; ``source_shard`` and ``reject_reason`` decide where a row goes.
     Output: one record per file written (``RECORD_SCHEMA``), consumed by the driver's
     commit loop; rows themselves never travel to the driver.
-    Files never span two shards and stay under ``target_file_size_mb``.
+    Files never span two shards and stay under ``target_file_size_mb``. Marker rows (a shard
+    that ended with no row to stamp, or whose read failed) are never written: each becomes a
+    record of kind ``marker`` with 0 rows.
     Failure behaviour: storage errors are retried, then raised (systemic).
     """
 
@@ -51,6 +55,13 @@ class StagingParquetWriter:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         records: list[dict[str, Any]] = []
+        if SHARD_MARKER in batch.column_names and batch[SHARD_MARKER].null_count < batch.num_rows:
+            is_marker = pc.is_valid(batch[SHARD_MARKER])
+            for m in batch.filter(is_marker).select(["source_shard", SHARD_ROWS, SHARD_DAMAGE, SHARD_MARKER]).to_pylist():
+                records.append({"shard": m["source_shard"], "kind": MARKER_KIND, "path": "", "rows": 0, "bytes": 0,
+                                "reasons": "{}", "shard_rows": m[SHARD_ROWS], "shard_damage": m[SHARD_DAMAGE],
+                                "shard_marker": m[SHARD_MARKER]})
+            batch = batch.filter(pc.invert(is_marker))
         shards = batch["source_shard"]
         for shard in pc.unique(shards).to_pylist():
             part = batch.filter(pc.equal(shards, shard))
@@ -70,7 +81,7 @@ class StagingParquetWriter:
             # The row total travels on one record of the shard even if every row went one way.
             if records and (shard_rows is not None or damage):
                 for rec in records:
-                    if rec["shard"] == shard:
+                    if rec["shard"] == shard and rec["kind"] != MARKER_KIND:
                         rec["shard_rows"], rec["shard_damage"] = shard_rows, damage
                         break
         return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
@@ -112,7 +123,8 @@ class StagingParquetWriter:
         size = retry(write, f"write {path}")
         reasons = Counter(rows["reject_reason"].to_pylist()) if kind == REJECTED else Counter()
         return {"shard": shard, "kind": kind, "path": path, "rows": table.num_rows, "bytes": size,
-                "reasons": json.dumps(dict(reasons)), "shard_rows": None, "shard_damage": None}
+                "reasons": json.dumps(dict(reasons)), "shard_rows": None, "shard_damage": None,
+                "shard_marker": None}
 
 
 def _drop_image_bytes(rows: pa.Table) -> pa.Table:

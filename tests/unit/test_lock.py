@@ -1,0 +1,95 @@
+"""The run lock on a local folder and on the moto S3 server: one holder, conditional takeover."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from ground.errors import LockHeldError
+from pipelines.lock import RunLock
+
+
+@pytest.fixture(params=["local", "s3"])
+def out(request, tmp_path):
+    """An output root and its storage options, on a local folder or a fresh moto bucket."""
+    if request.param == "local":
+        return str(tmp_path / "out"), {}
+    fs, opts, bucket = request.getfixturevalue("s3")
+    return f"s3://{bucket}/out", opts
+
+
+def _lease(lock: RunLock) -> dict:
+    lease, _ = lock.read()
+    return lease
+
+
+def test_a_second_run_is_refused_with_the_holder_named(out):
+    path, opts = out
+    first = RunLock(path, opts, "run-A", ttl_s=600)
+    first.acquire()
+    try:
+        with pytest.raises(LockHeldError) as err:
+            RunLock(path, opts, "run-B", ttl_s=600).acquire()
+        msg = str(err.value)
+        assert "\n" not in msg and "run run-A" in msg and socket.gethostname() in msg and "since 20" in msg
+        assert _lease(first)["run_id"] == "run-A"
+    finally:
+        first.release()
+    assert first.read() == (None, None)  # released: the next night starts cleanly
+    second = RunLock(path, opts, "run-B", ttl_s=600)
+    second.acquire()
+    second.release()
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_holder_learns_it_lost(out, caplog):
+    path, opts = out
+    crashed = RunLock(path, opts, "run-crashed", ttl_s=0.05)
+    crashed.acquire()
+    crashed._stop.set()  # the process "dies": no more heartbeats (its thread exits)
+    crashed._thread.join()
+    time.sleep(0.2)  # let the 50 ms lease lapse (a setup step; nothing is timed)
+    nxt = RunLock(path, opts, "run-next", ttl_s=600)
+    nxt.acquire()
+    try:
+        assert _lease(nxt)["run_id"] == "run-next"
+        assert any("took over the run lock (expired)" in r.getMessage() and "run-crashed" in r.getMessage()
+                   for r in caplog.records)
+        # The old holder wakes up: it may neither renew nor release a lease that is not its own.
+        assert crashed.renew() is False and crashed.lost
+        crashed.release()
+        assert _lease(nxt)["run_id"] == "run-next"
+    finally:
+        nxt.release()
+
+
+def test_break_lock_takes_a_live_lease_and_renewal_extends_ours(out):
+    path, opts = out
+    holder = RunLock(path, opts, "run-A", ttl_s=600)
+    holder.acquire()
+    breaker = RunLock(path, opts, "run-B", ttl_s=600)
+    breaker.acquire(break_lock=True)
+    try:
+        assert _lease(breaker)["run_id"] == "run-B"
+        before = _lease(breaker)["expires_at"]
+        assert breaker.renew() and _lease(breaker)["expires_at"] >= before
+        assert holder.renew() is False and holder.lost
+    finally:
+        holder.release()
+        breaker.release()
+    assert breaker.read() == (None, None)
+
+
+def test_lease_names_run_host_pid_and_expiry(out):
+    path, opts = out
+    lock = RunLock(path, opts, "run-A", ttl_s=120)
+    lock.acquire()
+    try:
+        lease = _lease(lock)
+        assert {"run_id", "host", "pid", "acquired_at", "expires_at", "ttl_s"} <= set(lease)
+        assert lease["expires_at"] - lease["renewed_at"] == pytest.approx(120)
+        json.dumps(lease)
+    finally:
+        lock.release()
