@@ -74,7 +74,7 @@ class LocalRayCluster:
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
                         PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                        RAY_agent_register_timeout_ms="180000", RAY_DATA_DISABLE_PROGRESS_BARS="1")
+                        RAY_DATA_DISABLE_PROGRESS_BARS="1")
         # The job must get the project from the shipped py_modules, not from this checkout.
         self.env.pop("PYTHONPATH", None)
         self.procs: list[subprocess.Popen] = []
