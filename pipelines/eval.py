@@ -8,8 +8,8 @@ computed from columns phase 1 already stored, so no model runs.
 Exact and blockwise: a query block of ``block_rows`` rows is scored against a candidate block of
 ``block_rows`` rows at a time and only counts are kept, so memory is ``block_rows**2`` floats whatever
 the number of rows; one matrix product per block pair serves both directions. The cost is still
-``N**2 * D`` multiply-adds (about a minute on one core for N = 100k, D = 512); for larger outputs
-evaluate a ``sample``.
+``N**2 * D`` multiply-adds (N = 20k, D = 512 is 2e11: seconds on a free core, minutes on a busy
+one); for larger outputs evaluate a ``sample``.
 
 Ties are pessimistic and therefore independent of row order, block size and sampling order: a
 candidate whose score is within ``TIE_EPS`` of the true partner's counts as ranked ahead of it. Duplicate
@@ -100,8 +100,8 @@ def retrieval_ranks(image: np.ndarray, text: np.ndarray, block_rows: int = DEFAU
                 diag = np.arange(lo, hi)
                 ahead_i2t[diag - q0, diag - c0] = False
                 ahead_t2i[diag - q0, diag - c0] = False
-            i2t[q0:q1] += ahead_i2t.sum(axis=1)
-            t2i[c0:c1] += ahead_t2i.sum(axis=0)
+            i2t[q0:q1] += np.count_nonzero(ahead_i2t, axis=1)
+            t2i[c0:c1] += np.count_nonzero(ahead_t2i, axis=0)
     return i2t, t2i
 
 

@@ -205,6 +205,16 @@ def test_embedding_column_contract(minilm):
     assert out["reject_reason"].to_pylist() == [None, None, None, None, "decode:corrupt"]
 
 
+def test_embeddings_equal_what_sentence_transformers_computes(minilm):
+    """Our AutoModel + mean pooling reproduces the model's own sentence-transformers pipeline."""
+    st = pytest.importorskip("sentence_transformers")
+    texts = ["A dog on a beach", "Ein Hund am Strand", "x", "A very long caption " + "with many words " * 200]
+    reference = st.SentenceTransformer(minilm.source, device="cpu").encode(texts, normalize_embeddings=True)
+    assert np.abs(minilm.embed(texts) - reference).max() < 1e-5
+    stored, _, _ = embed(minilm, texts)
+    assert np.abs(stored - reference).max() < 2e-3  # float16 storage
+
+
 def test_paraphrases_are_closer_than_unrelated_captions(minilm):
     pairs = [
         ("A dog runs across a grassy park.", "A puppy is running on the lawn."),
