@@ -54,8 +54,6 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 # Only the first 8 rows of the 32-point DCT matrix are needed for the 8x8 low-frequency block.
 _DCT_LOW = _dct_matrix(DCT_INPUT_SIDE)[:LOW_FREQ_SIDE]
-# Bit weights: the first coefficient (row-major) is the most significant bit.
-_BIT_WEIGHTS = (np.uint64(1) << np.arange(HASH_BITS - 1, -1, -1, dtype=np.uint64))
 
 
 def phash64(img: Image.Image) -> int:
@@ -79,8 +77,8 @@ def phash64(img: Image.Image) -> int:
     pixels = np.asarray(small, dtype=np.float64)
     low = _DCT_LOW @ pixels @ _DCT_LOW.T
     bits = (low > np.median(low)).reshape(-1)
-    packed = np.bitwise_or.reduce(np.where(bits, _BIT_WEIGHTS, np.uint64(0)))
-    return int(np.uint64(packed).view(np.int64))
+    # packbits is MSB-first within each byte, so big-endian bytes put coefficient 0 at bit 63
+    return int.from_bytes(np.packbits(bits).tobytes(), "big", signed=True)
 
 
 def hamming(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
