@@ -210,6 +210,9 @@ def load_pairs(output: str, prefix: str = "clip", sample: int | None = None, see
 
     for path in files:
         for k, img, txt, n in _file_pairs(fs, path, image_col, text_col):
+            if image_parts and img.shape[1] != image_parts[0].shape[1]:
+                raise ConfigError(f"{path}: {image_col} has {img.shape[1]} dimensions, earlier files "
+                                  f"{image_parts[0].shape[1]} (outputs of two models under one prefix?)")
             rows_read += n
             paired += len(k)
             keys.extend(k)

@@ -5,7 +5,8 @@ The hash is the standard DCT pHash (Zauner 2010; the variant ``imagehash.phash``
 1. convert to 8-bit grayscale, resize to 32x32 (Lanczos);
 2. 2-D DCT-II of the 32x32 pixels;
 3. keep the top-left 8x8 block of low frequencies, **DC term included**;
-4. bit = 1 where the coefficient is above the median of those 64 coefficients.
+4. bit = 1 where the coefficient is above the median of those 64 coefficients (coefficients within
+   float rounding of zero count as exactly zero, so flat and symmetric pictures hash deterministically).
 
 Bits are packed row-major from the top-left coefficient, the first bit being the most significant,
 so ``format(h & (2**64 - 1), "016x")`` reads like imagehash's hex string. The 64 bits are returned
@@ -52,6 +53,8 @@ def _dct_matrix(n: int) -> np.ndarray:
     return 2.0 * np.cos(np.pi * k * (2.0 * j + 1.0) / (2.0 * n))
 
 
+# float64 rounding of the 32x32 DCT of 0..255 pixels stays below 1e-9; see phash64.
+_ROUNDING_NOISE = 1e-6
 # Only the first 8 rows of the 32-point DCT matrix are needed for the 8x8 low-frequency block.
 _DCT_LOW = _dct_matrix(DCT_INPUT_SIDE)[:LOW_FREQ_SIDE]
 
@@ -76,6 +79,10 @@ def phash64(img: Image.Image) -> int:
                                     reducing_gap=3.0)
     pixels = np.asarray(small, dtype=np.float64)
     low = _DCT_LOW @ pixels @ _DCT_LOW.T
+    # Coefficients that are zero in exact arithmetic (flat or mirror-symmetric pictures) come out
+    # as +-1e-12 rounding noise; left alone, that noise would set bits at random. Real coefficients
+    # of 8-bit pixels are many orders of magnitude larger.
+    low[np.abs(low) < _ROUNDING_NOISE] = 0.0
     bits = (low > np.median(low)).reshape(-1)
     # packbits is MSB-first within each byte, so big-endian bytes put coefficient 0 at bit 63
     return int.from_bytes(np.packbits(bits).tobytes(), "big", signed=True)

@@ -63,6 +63,7 @@ class ImageDecoder(Operator):
         if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < config.max_pixels:
             Image.MAX_IMAGE_PIXELS = config.max_pixels
         ImageFile.LOAD_TRUNCATED_IMAGES = False
+        self._phash_warned = False
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         pending = pending_mask(batch)
@@ -126,7 +127,7 @@ class ImageDecoder(Operator):
             target = cfg.reencode_format or (src_format if needs_norm or too_big else None)
             # Hashed from the upright pixels at full size (before any resize), so the stored
             # image's hash does not depend on resize_max_side.
-            phash = phash64(upright)
+            phash = self._phash(upright)
             if target is None:
                 return None, upright.width, upright.height, src_format, phash, None
             out_img = to_rgb(upright) if (cfg.normalize or target == "jpeg") else upright
@@ -142,6 +143,18 @@ class ImageDecoder(Operator):
             return buf.getvalue(), out_img.width, out_img.height, fmt, phash, None
         except Exception:  # noqa: BLE001
             return None, None, None, None, None, "corrupt"
+
+
+    def _phash(self, img: Image.Image) -> int | None:
+        """The image's pHash, or None (logged once) if its mode cannot be flattened to RGB: a
+        missing hash must not reject an image that decoded fine."""
+        try:
+            return phash64(img)
+        except Exception as exc:  # noqa: BLE001 - one odd image mode is that row's problem
+            if not self._phash_warned:
+                self._phash_warned = True
+                logger.warning("decode: cannot hash a %s image (%r); its phash is null", img.mode, exc)
+            return None
 
 
 _EXTENSIONS = {"jpeg": (".jpg", ".jpeg"), "png": (".png",), "webp": (".webp",)}
