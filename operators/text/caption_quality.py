@@ -63,6 +63,8 @@ _URL_SEPARATORS = re.compile(r"[\s,;|<>()\[\]\"']+")
 # A run of one unit of 1-4 characters repeated at least 3 more times ("hahaha", "!!!!", "xoxoxo").
 _CHAR_RUN = re.compile(r"(.{1,4}?)\1{3,}", re.DOTALL)
 _WORD = re.compile(r"\w+", re.UNICODE)
+# "Untitled-1", "Image 3", "photo 2 12": a blocklisted caption with a counter after it says no more.
+_TRAILING_NUMBERS = re.compile(r"(?: \d+)+$")
 
 # Characters that are not text: controls (other than whitespace), private use, surrogates,
 # unassigned code points, and U+FFFD (what a wrong decoder leaves). Format characters (Cf) are
@@ -164,7 +166,8 @@ class CaptionQualityFilter(RowFilter):
 
     Input columns: ``text_column`` (``text``), ``reject_reason``.
     Output: ``reject_reason`` = ``caption_quality:<reason>``, first match in this order:
-    ``boilerplate`` (the whole caption, case- and punctuation-insensitively, is on the blocklist),
+    ``boilerplate`` (the whole caption, case- and punctuation-insensitively, is on the blocklist,
+    also with trailing numbers removed: ``Untitled-1``, ``Image 3``),
     ``url_only``, ``file_name`` (``IMG_1234.jpg``, ``DSC00012``, ``Screenshot 2023-01-01``, hex
     digests), ``nonprintable``, ``too_many_digits``, ``too_much_punctuation``, ``too_few_letters``
     (ratios over non-whitespace characters), ``repeated_words``, ``repeated_characters``.
@@ -189,12 +192,16 @@ class CaptionQualityFilter(RowFilter):
         c: CaptionQualityConfig = self.config
         if text is None or not text.strip():
             return None
-        if normalize_caption(text) in self.blocked:
+        normalized = normalize_caption(text)
+        if normalized in self.blocked:
             return "boilerplate"
         if c.url_only and is_url_only(text):
             return "url_only"
         if c.file_names and looks_like_file_name(text):
             return "file_name"
+        # after the file-name check, so "Screenshot 2023-01-01" is named a file name
+        if _TRAILING_NUMBERS.sub("", normalized) in self.blocked:
+            return "boilerplate"
         ratios = character_ratios(text)
         if c.max_nonprintable_ratio is not None and ratios["nonprintable"] > c.max_nonprintable_ratio:
             return "nonprintable"
