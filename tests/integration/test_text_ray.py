@@ -3,7 +3,6 @@ caption_quality, text_lang and text_embed (real all-MiniLM-L6-v2 weights from it
 
 from __future__ import annotations
 
-import io
 import json
 import random
 
@@ -11,7 +10,6 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from ground.schema import HF_METADATA_KEY
 from jobs.sample_data import draw_image, encode, write_tar
