@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from operators.base import registry  # noqa: E402
 from operators.dedup.phash import phash64  # noqa: E402
-from pipelines.eval import retrieval_ranks  # noqa: E402
+from pipelines.eval import TIE_EPS, retrieval_ranks  # noqa: E402
 
 
 def best_of(fn, repeat: int = 3) -> float:
@@ -87,10 +87,10 @@ def bench_eval(rows: int, dim: int, block_rows: int) -> None:
     def full():
         scores = image @ text.T
         true = np.einsum("ij,ij->i", image, text)
-        ahead = scores >= true[:, None] - 1e-6
+        ahead = scores >= true[:, None] - TIE_EPS
         np.fill_diagonal(ahead, False)
         i2t = np.count_nonzero(ahead, axis=1)
-        ahead = scores >= true[None, :] - 1e-6
+        ahead = scores >= true[None, :] - TIE_EPS
         np.fill_diagonal(ahead, False)
         return i2t, np.count_nonzero(ahead, axis=0)
 

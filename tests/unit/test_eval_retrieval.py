@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from operators.models.base import embedding_array
-from pipelines.eval import evaluate_retrieval, load_pairs, retrieval_ranks, retrieval_recall
+from pipelines.eval import TIE_EPS, evaluate_retrieval, load_pairs, retrieval_ranks, retrieval_recall
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,18 +33,17 @@ def planted(n: int = 300, dim: int = 16, matched: int = 200, noise: float = 0.3,
 
 
 def reference_ranks(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """Brute force, written independently: score every pair with a plain dot product, sort each
-    query's candidates by descending score with the true partner placed last among equal scores
-    (ties are pessimistic), and read off the partner's position."""
+    """Brute force from the definition, written independently: score every pair with a plain
+    float64 dot product and count, per query, the other candidates scoring at least the true
+    partner's score minus the tie tolerance (ties are pessimistic)."""
     q = queries.astype(np.float64)
     c = candidates.astype(np.float64)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     c /= np.linalg.norm(c, axis=1, keepdims=True)
     ranks = []
     for i in range(len(q)):
-        scores = [float(np.dot(q[i], c[j])) for j in range(len(c))]
-        order = sorted(range(len(c)), key=lambda j: (-round(scores[j], 9), j == i))
-        ranks.append(order.index(i))
+        true = float(np.dot(q[i], c[i]))
+        ranks.append(sum(1 for j in range(len(c)) if j != i and float(np.dot(q[i], c[j])) >= true - TIE_EPS))
     return np.array(ranks)
 
 
