@@ -35,7 +35,7 @@ from ground.storage import join, to_url
 from operators.base import REJECT_REASON, Resources
 from pipelines import stats as stats_mod
 from pipelines.ledger import Ledger
-from pipelines.plan import WRITE_NUM_CPUS, operator_steps
+from pipelines.plan import operator_steps, resolved_steps_and_write_share
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +90,9 @@ def write_run_artifacts(cfg, run_id: str, stats: dict[str, Any]) -> dict[str, An
         The stats written to ``stats.json``.
     """
     try:
-        stats.update(stats_mod.collect(run_id, operator_steps(cfg), int(stats.get("rows_in") or 0),
-                                       Resources(num_cpus=WRITE_NUM_CPUS), wait=stats.get("status") != "error"))
+        steps, write_cpus = resolved_steps_and_write_share(operator_steps(cfg))
+        stats.update(stats_mod.collect(run_id, steps, int(stats.get("rows_in") or 0),
+                                       Resources(num_cpus=write_cpus), wait=stats.get("status") != "error"))
     except Exception as exc:  # noqa: BLE001 - counters are a view; the summary must still be written
         logger.warning("run %s: operator counters not collected (%s)", run_id, exc, exc_info=True)
     ledger = Ledger(cfg.output.path, cfg.output.storage_options)

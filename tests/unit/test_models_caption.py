@@ -48,10 +48,14 @@ def test_a_bert_tokenizer_next_to_a_gpt2_decoder_is_refused(tiny, tmp_path):
         Captioner(CaptionConfig(model=str(bad), name="v"))
 
 
-def test_blip_prompt_conditions_the_caption(tiny):
-    out = Captioner(CaptionConfig(model=tiny["blip"], name="blip", prompt="a picture of", max_new_tokens=4))(
-        make_batch(2))
-    assert all(c.startswith("a picture of") for c in out["caption_blip"].to_pylist())
+def test_blip_prompt_conditions_the_caption_and_is_stripped_from_it(tiny):
+    """The prompt steers generation, and the stored caption holds only the new words (as for VLMs)."""
+    batch = make_batch(2)
+    prompted = Captioner(CaptionConfig(model=tiny["blip"], name="blip", prompt="a picture of", max_new_tokens=4))(
+        batch)["caption_blip"].to_pylist()
+    plain = Captioner(CaptionConfig(model=tiny["blip"], name="blip", max_new_tokens=4))(batch)["caption_blip"].to_pylist()
+    assert all(c and not c.startswith("a picture of") for c in prompted)
+    assert prompted != plain
 
 
 def test_vlm_caption_holds_only_new_tokens_and_honours_a_prompt_template(tiny):
