@@ -7,15 +7,17 @@ the readers, s3fs, Ray and the commit loop are the real ones.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from ground.errors import StalledError
-from jobs.sample_data import make_webdataset_shards
-from pipelines.runner import run
+from jobs.sample_data import draw_image, encode, make_webdataset_shards
+from pipelines.runner import init_ray, run
 from tests.faultproxy import FaultProxy
 from tests.helpers import ledger_records, make_config, read_rows
 
@@ -39,8 +41,6 @@ def stats(fs, root: str, run_id: str) -> dict:
 
 
 def test_shards_that_are_not_tars_are_committed_as_damaged_and_visible(ray_session, tmp_path):
-    import fsspec
-
     fs = fsspec.filesystem("file")
     shards = make_webdataset_shards(tmp_path / "in", n_shards=2, samples_per_shard=5, seed=4)
     (tmp_path / "in" / "00002.tar").write_bytes(HTML_BODY)  # an error page saved as a shard
@@ -69,11 +69,6 @@ def test_shards_that_are_not_tars_are_committed_as_damaged_and_visible(ray_sessi
 
 
 def test_garbage_parquet_is_damaged_and_a_non_string_coco_caption_is_a_row_reject(ray_session, tmp_path):
-    import fsspec
-
-    from jobs.sample_data import draw_image, encode
-    import random
-
     fs = fsspec.filesystem("file")
     rng = random.Random(5)
     images = [encode(draw_image(rng, (64, 64))[0]) for _ in range(3)]
@@ -177,8 +172,6 @@ def test_a_stalled_plan_fails_with_one_line_instead_of_hanging(ray_session, tmp_
 
 def test_an_initialised_ray_is_reused_with_a_warning_and_the_stall_timeout_always_set(ray_session, tmp_path, caplog):
     from ray.data import DataContext
-
-    from pipelines.runner import init_ray
 
     cfg = make_config([str(tmp_path)], str(tmp_path / "out"))
     cfg.ray.num_cpus, cfg.ray.no_progress_timeout_s = 64, 77

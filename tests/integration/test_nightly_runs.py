@@ -93,7 +93,8 @@ def test_a_second_run_on_the_same_output_is_refused_and_a_stale_lease_is_taken_o
         fs.put_file(str(p), f"{bucket}/wds/{p.name}")
     proxy = FaultProxy(opts["endpoint_url"])
     try:
-        held = proxy.add_rule("hold", method="GET", path=r"/wds/00000\.tar", times=1)
+        # Hold the first run's listing of the input: it already holds the lock then (taken first).
+        held = proxy.add_rule("hold", method="GET", path=r"list-type=2&prefix=wds(/|%2F)", times=1)
         inputs, out = [f"s3://{bucket}/wds/{{00000..00001}}.tar"], f"s3://{bucket}/out"
         slow = write_config(tmp_path / "slow.yaml", inputs, out, {"endpoint_url": proxy.url})
         direct = write_config(tmp_path / "direct.yaml", inputs, out, {"endpoint_url": opts["endpoint_url"]})
@@ -101,7 +102,8 @@ def test_a_second_run_on_the_same_output_is_refused_and_a_stale_lease_is_taken_o
         first = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(slow), "--log-level", "WARNING"],
                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            assert held.waiting.wait(240), "the first run never reached its first read"
+            while not held.waiting.wait(1):
+                assert first.poll() is None, f"the first run ended early: {first.communicate()[1][-2000:]}"
             second = mmcurate("run", str(direct))
             lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
             assert second.returncode == 4 and len(lines) == 1, second.stderr[-2000:]

@@ -6,12 +6,9 @@ network (503 SlowDown, bodies cut mid-stream).
 
 from __future__ import annotations
 
-import io
 import json
-from collections import Counter
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from ground.errors import TransientStorageError
