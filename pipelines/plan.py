@@ -14,6 +14,7 @@ from pipelines.config import PipelineConfig
 from ground.errors import ConfigError
 from ground.layout import shard_tag
 from pipelines.ledger import Ledger
+from pipelines.stats import WRITER_STAGE, InstrumentedStage, stage_names, start_collector
 
 logger = logging.getLogger(__name__)
 
@@ -78,37 +79,52 @@ def make_plan(cfg: PipelineConfig) -> Plan:
     return Plan(shards, committed, pending, steps)
 
 
-_OPERATOR_CACHE: dict[str, Operator] = {}
+_OPERATOR_CACHE: dict[str, InstrumentedStage] = {}
 
 
-def _task_fn(cls: type[Operator], config: OperatorConfig):
-    """A map_batches function that builds the operator once per worker process."""
-    key = f"{cls.__module__}.{cls.__name__}:{config.model_dump_json()}"
+def _task_fn(cls: type[Operator], config: OperatorConfig, stage: str | None = None, collector: Any = None):
+    """A map_batches function that builds the (counted) operator once per worker process."""
+    stage = stage or cls.name
+    key = f"{cls.__module__}.{cls.__name__}:{stage}:{config.model_dump_json()}"
 
     def apply(batch: pa.Table) -> pa.Table:
         op = _OPERATOR_CACHE.get(key)
         if op is None:
-            op = _OPERATOR_CACHE[key] = cls(config)
+            op = _OPERATOR_CACHE[key] = InstrumentedStage(lambda: cls(config), stage, collector)
         return op(batch)
 
     apply.__name__ = cls.__name__
     return apply
 
 
-def lower(ds, step: OperatorStep):
-    """Apply one operator to a Ray Dataset according to its declared resources."""
+def _counted_actor_class(cls: type[Operator]) -> type:
+    """An actor class named like the operator (Ray's stats and logs show the name) that counts."""
+
+    def __init__(self, config: OperatorConfig, stage: str, collector: Any) -> None:
+        InstrumentedStage.__init__(self, lambda: cls(config), stage, collector)
+
+    return type(cls.__name__, (InstrumentedStage,), {"__init__": __init__})
+
+
+def lower(ds, step: OperatorStep, stage: str | None = None, collector: Any = None):
+    """Apply one operator to a Ray Dataset according to its declared resources.
+
+    Every call is counted and timed (``pipelines.stats``) under ``stage`` (default: the
+    operator's name) and reported to ``collector`` when one is given.
+    """
     from ray.data import ActorPoolStrategy
 
+    stage = stage or step.name
     res = step.resources
     common: dict[str, Any] = dict(batch_format="pyarrow", batch_size=res.batch_size, num_cpus=res.num_cpus,
                                   zero_copy_batch=True)
     if res.num_gpus:
         common["num_gpus"] = res.num_gpus
     if res.uses_actors:
-        return ds.map_batches(step.cls, fn_constructor_args=(step.config,),
+        return ds.map_batches(_counted_actor_class(step.cls), fn_constructor_args=(step.config, stage, collector),
                               compute=ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
                               **common)
-    return ds.map_batches(_task_fn(step.cls, step.config), **common)
+    return ds.map_batches(_task_fn(step.cls, step.config, stage, collector), **common)
 
 
 def build_dataset(cfg: PipelineConfig, plan: Plan, run_id: str, file_meta: dict[str, Any]):
@@ -124,12 +140,17 @@ def build_dataset(cfg: PipelineConfig, plan: Plan, run_id: str, file_meta: dict[
     read_compute = TaskPoolStrategy(size=cfg.input.read_concurrency) if cfg.input.read_concurrency else None
     ds = ray.data.read_datasource(ShardDatasource(reader, plan.pending), override_num_blocks=len(plan.pending),
                                   num_cpus=READ_NUM_CPUS, compute=read_compute)
-    for step in plan.steps:
-        ds = lower(ds, step)
-    writer = StagingParquetWriter(cfg.output.model_dump(), run_id, file_meta)
+    collector = start_collector(run_id)
+    for step, stage in zip(plan.steps, stage_names(plan.steps)):
+        ds = lower(ds, step, stage, collector)
+    output = cfg.output.model_dump()
+    writers: list[InstrumentedStage] = []
 
     def write(batch: pa.Table) -> pa.Table:
-        return writer(batch)
+        if not writers:  # once per worker process
+            writers.append(InstrumentedStage(lambda: StagingParquetWriter(output, run_id, file_meta),
+                                             WRITER_STAGE, collector, counts_rows=False))
+        return writers[0](batch)
 
     return ds.map_batches(write, batch_format="pyarrow", batch_size=cfg.output.write_batch_rows,
                           num_cpus=WRITE_NUM_CPUS, zero_copy_batch=True)

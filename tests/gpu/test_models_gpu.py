@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jobs.tiny_models import build_all
 from operators.models.base import read_embeddings
 from operators.models.caption import CaptionConfig, Captioner
 from operators.models.clip import ClipConfig, ClipEmbedder
@@ -18,8 +17,8 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_all(tmp_path_factory.mktemp("models"), ["clip", "vit_gpt2", "blip"])
+def tiny(tiny_models):
+    return tiny_models
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
