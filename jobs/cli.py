@@ -113,7 +113,8 @@ def plan(config: Path = typer.Argument(..., help="pipeline YAML"),
     typer.echo("operators:")
     for op in desc["operators"]:
         pool = f"actors {op['min_actors']}..{op['max_actors']}" if op["max_actors"] else "tasks"
-        typer.echo(f"  {op['name']:<18} {op['class']:<24} cpus={op['num_cpus']:g} gpus={op['num_gpus']:g} "
+        cpus = "auto" if op["num_cpus"] is None else format(op["num_cpus"], "g")  # auto: derived at run time
+        typer.echo(f"  {op['name']:<18} {op['class']:<24} cpus={cpus} gpus={op['num_gpus']:g} "
                    f"batch={op['batch_size']} {pool}")
 
 

@@ -32,7 +32,7 @@ class DecodeConfig(OperatorConfig):
     reencode_format: Literal["jpeg", "png", "webp"] | None = Field(
         None, description="re-encode every stored image to this format (default: only when changed)")
     quality: int = Field(90, ge=1, le=100)
-    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5, batch_size=64))
+    resources: Resources = Field(default_factory=lambda: Resources(batch_size=64))
 
 
 @register

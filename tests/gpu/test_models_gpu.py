@@ -45,18 +45,18 @@ def test_a_real_cuda_out_of_memory_splits_the_batch(tiny):
 
     op = ClipEmbedder(ClipConfig(model=tiny["clip"], device="cuda", resources={"num_gpus": 1}))
     calls: list[int] = []
-    real = op.embed_images
+    real = op.embed_pixels
     free, _ = torch.cuda.mem_get_info()
     # One block that leaves ~64 MiB: a forward on many rows asks for more than that.
     hog = torch.empty(int(free - 64 * 2**20), dtype=torch.uint8, device="cuda")
 
-    def sized(images):
-        calls.append(len(images))
-        if len(images) > 2:  # a real allocation larger than what is left
+    def sized(pixels):
+        calls.append(len(pixels))
+        if len(pixels) > 2:  # a real allocation larger than what is left
             torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-        return real(images)
+        return real(pixels)
 
-    op.embed_images = sized
+    op.embed_pixels = sized
     try:
         out = op(make_batch(8))
     finally:
