@@ -26,6 +26,8 @@ token authentication needs ``RAY_AUTH_MODE=token`` and its token (``RAY_AUTH_TOK
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import logging
 import shutil
 import tempfile
@@ -66,6 +68,8 @@ ACTIVE = ("PENDING", "RUNNING")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# In a wheel conf/ is installed as this package (pyproject.toml).
+CONF_PACKAGE = "mmcurate_conf"
 
 
 class ClusterError(MmcurateError):
@@ -117,8 +121,6 @@ def build_submission(cfg: PipelineConfig, staging: Path, date: str | None = None
         ConfigError: ``submit.image`` is set and the config holds storage credentials, which
             would then be visible in the job's runtime_env on the dashboard.
     """
-    import importlib
-
     text = job_config_yaml(cfg)
     base = submission_id(cfg, date)
     metadata = {META_PIPELINE: cfg.name, META_HASH: config_hash(cfg), META_OUTPUT: _redacted_url(cfg.output.path)}
@@ -137,8 +139,9 @@ def build_submission(cfg: PipelineConfig, staging: Path, date: str | None = None
 
     workdir = staging / "working_dir"
     workdir.mkdir(parents=True, exist_ok=True)
-    if CONF_DIR.is_dir():
-        shutil.copytree(CONF_DIR, workdir / "conf", ignore=shutil.ignore_patterns(*SHIP_EXCLUDES))
+    conf = _conf_dir()
+    if conf is not None:
+        shutil.copytree(conf, workdir / "conf", ignore=shutil.ignore_patterns(*SHIP_EXCLUDES))
     (workdir / JOB_CONFIG_NAME).write_text(text)
     # `mmcurate run` inside the job may pass its own py_modules to ray.init (pipelines.runner ships
     # the packages whenever it connects to a cluster); Ray refuses to merge two py_modules unless
@@ -156,6 +159,15 @@ def build_submission(cfg: PipelineConfig, staging: Path, date: str | None = None
                       runtime_env=runtime_env, metadata=metadata,
                       entrypoint_num_cpus=cfg.submit.entrypoint_num_cpus,
                       staged_files={JOB_CONFIG_NAME: text})
+
+
+def _conf_dir() -> Path | None:
+    """conf/ of this checkout, or of the installed wheel (the package ``mmcurate_conf``)."""
+    if CONF_DIR.is_dir():
+        return CONF_DIR
+    spec = importlib.util.find_spec(CONF_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]) if locations else None
 
 
 def credential_paths(obj: Any, prefix: str = "") -> Iterator[str]:
