@@ -36,6 +36,23 @@ def shard_tag(shard_url: str) -> str:
     return f"{stem}-{digest}"
 
 
+def published_name(tag: str, seq: int, generation: int = 0) -> str:
+    """The final file name of a shard's ``seq``-th file of one kind (under ``data/`` or ``rejected/``).
+
+    A shard redone after its input changed (``input.on_change: redo``) publishes a new
+    ``generation`` under names its previous record does not use, so the record swap is atomic.
+    Either way ``tag_of_file`` gives the shard's tag back.
+    """
+    if generation:
+        return f"{tag}-g{generation}x{seq:05d}.parquet"
+    return f"{tag}-{seq:05d}.parquet"
+
+
+def staging_prefix(tag: str) -> str:
+    """Where a shard's staged parts live until its commit (``<kind>/<run>-<id>.parquet`` below)."""
+    return f"{STAGING}/{tag}"
+
+
 def tag_of_file(name: str) -> str:
     """The shard tag a published file name (``<tag>-<seq>.parquet``) belongs to."""
     return posixpath.basename(name).rsplit("-", 1)[0]

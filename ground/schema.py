@@ -25,6 +25,8 @@ DECODE_FIELDS = [
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
     pa.field("format", pa.string()),
+    # 64-bit DCT perceptual hash, bits reinterpreted as signed (operators/dedup/phash.py)
+    pa.field("phash", pa.int64()),
 ]
 
 # Internal bookkeeping columns for the commit loop; never written to output files.

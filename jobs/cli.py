@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -112,7 +113,8 @@ def plan(config: Path = typer.Argument(..., help="pipeline YAML"),
     typer.echo("operators:")
     for op in desc["operators"]:
         pool = f"actors {op['min_actors']}..{op['max_actors']}" if op["max_actors"] else "tasks"
-        typer.echo(f"  {op['name']:<18} {op['class']:<24} cpus={op['num_cpus']:g} gpus={op['num_gpus']:g} "
+        cpus = "auto" if op["num_cpus"] is None else format(op["num_cpus"], "g")  # auto: derived at run time
+        typer.echo(f"  {op['name']:<18} {op['class']:<24} cpus={cpus} gpus={op['num_gpus']:g} "
                    f"batch={op['batch_size']} {pool}")
 
 
@@ -142,11 +144,38 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+# Exceptions Ray Data raises around a failing UDF; the user's own error is the one they wrap.
+RAY_WRAPPERS = ("UserCodeException", "RayTaskError")
+_ERROR_LINE = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception)): (.+)$")
+
+
+def _wrapped_error(exc: BaseException) -> str | None:
+    """``Type: message`` of the first user error named in a remote traceback, or None.
+
+    A worker's exception chain does not survive pickling back to the driver: Ray Data's
+    ``UserCodeException`` arrives alone, and the original error survives only as text in
+    the ``RayTaskError`` traceback around it (causes are printed first).
+    """
+    seen, node = set(), exc
+    while isinstance(node, BaseException) and id(node) not in seen:
+        seen.add(id(node))
+        for line in str(node).splitlines():
+            m = _ERROR_LINE.match(line)
+            if m and not m.group(1).startswith(RAY_WRAPPERS):
+                return f"{m.group(1)}: {m.group(2).strip()}"
+        node = node.__cause__ or getattr(node, "cause", None)
+    return None
+
+
 def one_line(exc: BaseException) -> str:
     """One line for any failure: our own errors verbatim, others as ``Type: first line``."""
     cause = root_cause(exc)
     if isinstance(cause, MmcurateError):
         return str(cause)
+    if cause.__class__.__name__.startswith(RAY_WRAPPERS):
+        wrapped = _wrapped_error(exc)
+        if wrapped:
+            return wrapped[:500]
     lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
     text = lines[-1] if lines and lines[-1].startswith(cause.__class__.__name__) else (lines[0] if lines else "")
     return f"{cause.__class__.__name__}: {text}"[:500]

@@ -71,6 +71,20 @@ def _wordpiece_vocab(specials: list[str]) -> dict[str, int]:
     return {t: i for i, t in enumerate(dict.fromkeys(toks))}
 
 
+def image_processor_class(name: str):
+    """transformers' image processor ``name``, or its Pillow twin (``<name>Pil``) without torchvision.
+
+    Constructing the torchvision-backed class without torchvision logs a fallback warning on
+    every build; the Pillow class is what would run anyway.
+    """
+    import importlib.util
+
+    import transformers
+
+    suffix = "" if importlib.util.find_spec("torchvision") else "Pil"
+    return getattr(transformers, name + suffix)
+
+
 def _mark_random(path: Path, kind: str) -> None:
     (path / RANDOM_WEIGHTS_MARKER).write_text(json.dumps(
         {"random_weights": True, "kind": kind, "note": "tiny randomly initialised model built by mmcurate"}))
@@ -89,7 +103,7 @@ def _vision_kw() -> dict[str, Any]:
 
 def build_clip(path: str | Path, seed: int = 0, projection_dim: int = PROJECTION_DIM) -> Path:
     """A tiny ``CLIPModel`` with ``CLIPImageProcessor`` and a BPE ``CLIPTokenizer``."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     path = Path(path)
     _seed(seed)
@@ -101,18 +115,55 @@ def build_clip(path: str | Path, seed: int = 0, projection_dim: int = PROJECTION
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
         vision_config=_vision_kw(), projection_dim=projection_dim)
     model = CLIPModel(cfg).eval()
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                                           crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
-                         tokenizer=tok)
+    image_processor = image_processor_class("CLIPImageProcessor")(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    proc = CLIPProcessor(image_processor=image_processor, tokenizer=tok)
     model.save_pretrained(path)
     proc.save_pretrained(path)
     _mark_random(path, "clip")
     return path
 
 
+# Real CLIP geometries, random weights: transformers' CLIPConfig defaults are ViT-B/32 (224 px,
+# patch 32, 12+12 layers, 512-d); L/14 follows openai/clip-vit-large-patch14's config.json.
+CLIP_GEOMETRIES: dict[str, dict[str, Any]] = {
+    "b32": dict(text_config={}, vision_config={}, projection_dim=512),
+    "l14": dict(text_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12),
+                vision_config=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                                   num_hidden_layers=24, patch_size=14), projection_dim=768),
+}
+
+
+def build_clip_geometry(path: str | Path, geometry: str = "b32", layers: int | None = None, seed: int = 0) -> Path:
+    """A ``CLIPModel`` with a real geometry (``b32`` or ``l14``), random weights, the real
+    224-px ``CLIPImageProcessor`` and a BPE tokenizer trained here (77 positions).
+
+    ``layers`` cuts both towers to that many transformer layers (``layers=1``: a model that
+    costs almost nothing, for measuring everything around it).
+    """
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    path = Path(path)
+    _seed(seed)
+    geo = CLIP_GEOMETRIES[geometry]
+    vocab, merges = _train_bpe(600, end_of_word_suffix="</w>", specials=["<|startoftext|>", "<|endoftext|>"])
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    text = dict(geo["text_config"], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    vision = dict(geo["vision_config"])
+    if layers is not None:
+        text["num_hidden_layers"] = vision["num_hidden_layers"] = layers
+    cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=geo["projection_dim"])
+    CLIPModel(cfg).eval().save_pretrained(path)
+    image_processor_class("CLIPImageProcessor")().save_pretrained(path)  # 224 edge + crop, CLIP mean/std
+    tok.save_pretrained(path)
+    _mark_random(path, f"clip_{geometry}")
+    return path
+
+
 def build_siglip(path: str | Path, seed: int = 0) -> Path:
     """A tiny ``SiglipModel``; its text tower pools the last position, so text pads to max_length."""
-    from transformers import BertTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel
+    from transformers import BertTokenizer, SiglipConfig, SiglipModel
 
     path = Path(path)
     _seed(seed)
@@ -126,7 +177,8 @@ def build_siglip(path: str | Path, seed: int = 0) -> Path:
     cfg.text_config.eos_token_id = tok.sep_token_id
     model = SiglipModel(cfg).eval()
     model.save_pretrained(path)
-    SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+    square = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    image_processor_class("SiglipImageProcessor")(size=square).save_pretrained(path)
     tok.save_pretrained(path)
     _mark_random(path, "siglip")
     return path
@@ -140,7 +192,7 @@ def build_vit_gpt2(path: str | Path, seed: int = 0) -> Path:
     its end-of-text token, which also starts decoding.
     """
     import torch
-    from transformers import (GPT2Config, GPT2Tokenizer, ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig,
+    from transformers import (GPT2Config, GPT2Tokenizer, ViTConfig, VisionEncoderDecoderConfig,
                               VisionEncoderDecoderModel)
 
     path = Path(path)
@@ -162,7 +214,7 @@ def build_vit_gpt2(path: str | Path, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = eot
     model.generation_config.eos_token_id = eot
     model.save_pretrained(path)
-    ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+    image_processor_class("ViTImageProcessor")(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
     tok.save_pretrained(path)
     _mark_random(path, "vit_gpt2")
     return path
@@ -170,7 +222,7 @@ def build_vit_gpt2(path: str | Path, seed: int = 0) -> Path:
 
 def build_blip(path: str | Path, seed: int = 0) -> Path:
     """A tiny ``BlipForConditionalGeneration`` with ``BlipProcessor`` (BLIP image processor + BERT tokenizer)."""
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
     path = Path(path)
     _seed(seed)
@@ -184,7 +236,8 @@ def build_blip(path: str | Path, seed: int = 0) -> Path:
         vision_config=_vision_kw(), projection_dim=PROJECTION_DIM)
     model = BlipForConditionalGeneration(cfg).eval()
     model.save_pretrained(path)
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+    square = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    BlipProcessor(image_processor=image_processor_class("BlipImageProcessor")(size=square),
                   tokenizer=tok).save_pretrained(path)
     _mark_random(path, "blip")
     return path
@@ -199,7 +252,7 @@ TINY_CHAT_TEMPLATE = (
 
 def build_llava(path: str | Path, seed: int = 0) -> Path:
     """A tiny LLaVA (CLIP vision tower + Llama decoder) loadable by ``AutoModelForImageTextToText``."""
-    from transformers import (CLIPImageProcessor, GPT2Tokenizer, LlavaConfig, LlavaForConditionalGeneration,
+    from transformers import (GPT2Tokenizer, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaProcessor)
 
     path = Path(path)
@@ -220,8 +273,8 @@ def build_llava(path: str | Path, seed: int = 0) -> Path:
     model.generation_config.eos_token_id = eot
     model.save_pretrained(path)
     proc = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                           crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        image_processor=image_processor_class("CLIPImageProcessor")(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
         tokenizer=tok, patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
         chat_template=TINY_CHAT_TEMPLATE, num_additional_image_tokens=1)
     proc.save_pretrained(path)

@@ -38,12 +38,14 @@ class Resources(BaseModel):
     """What one operator needs from Ray; lowered to ``map_batches`` in one place.
 
     ``max_actors is None`` means a stateless task pool; otherwise an actor pool of
-    ``min_actors..max_actors`` actors, each loading the operator once.
+    ``min_actors..max_actors`` actors, each loading the operator once. ``num_cpus`` left
+    unset (None) is derived at run time from the connected cluster's nodes by
+    ``pipelines.plan.resolve_resources``; a value set here always wins.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    num_cpus: float = Field(0.5, gt=0)
+    num_cpus: float | None = Field(None, gt=0, description="CPUs per task/actor; unset: derived from the node")
     num_gpus: float = Field(0.0, ge=0)
     batch_size: int | None = Field(256, ge=1)
     min_actors: int = Field(1, ge=1)
@@ -63,6 +65,9 @@ class Operator:
     input_columns: ClassVar[tuple[str, ...]] = ()
     #: columns added (model operators with configurable prefixes override :meth:`outputs`)
     output_columns: ClassVar[tuple[str, ...]] = ()
+    #: True for operators whose work is a model forward: on CPU they get most of a node's
+    #: CPUs by default, the light stages (read, decode, filters, write) fractional shares
+    heavy: ClassVar[bool] = False
 
     def __init__(self, config: OperatorConfig):
         self.config = config

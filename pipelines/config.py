@@ -91,18 +91,36 @@ class RayConfig(StrictModel):
     autoscaling: bool = Field(False, description="the cluster adds nodes on demand: resource checks warn, not fail")
 
 
+class SubmitConfig(StrictModel):
+    """How ``mmcurate submit`` packages the run as a Ray job (``mmcurate run`` ignores it).
+
+    Either ``pip`` (installed on top of the cluster's Python; the project's packages are
+    shipped with the job) or ``image`` (a container that already has mmcurate installed).
+    """
+
+    pip: list[str] = Field(default_factory=list, description="pip requirements the job installs")
+    image: str | None = Field(None, description="container image the job runs in (Ray's image_uri)")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="environment of the job's processes")
+    entrypoint_num_cpus: float | None = Field(None, ge=0, description="CPUs reserved for the driver")
+
+
 class PipelineConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     input: InputConfig
     output: OutputConfig
     operators: list[dict[str, Any]] = Field(default_factory=list)
     ray: RayConfig = Field(default_factory=RayConfig)
+    submit: SubmitConfig = Field(default_factory=SubmitConfig)
 
     @model_validator(mode="after")
     def _validate_operators(self) -> "PipelineConfig":
         for i, entry in enumerate(self.operators):
             if not isinstance(entry, dict) or len(entry) != 1:
                 raise ValueError(f"operators[{i}] must be a mapping with exactly one operator name")
+        if self.submit.image and self.submit.pip:
+            # Checked here, not on SubmitConfig, so the error does not echo submit.env_vars.
+            raise ValueError("submit.pip cannot be combined with submit.image (Ray runs the image as is: "
+                             "install the requirements into the image)")
         return self
 
     def operator_specs(self) -> list[tuple[str, BaseModel]]:
@@ -271,6 +289,7 @@ def config_hash(cfg: PipelineConfig) -> str:
     for key in ("storage_options", "path", "write_batch_rows", "target_file_size_mb", "lock_ttl_s"):
         d["output"].pop(key, None)
     d.pop("ray", None)
+    d.pop("submit", None)  # how a job is packaged does not change its rows
     d = _without_key(d, "storage_options")  # model operators take them too
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

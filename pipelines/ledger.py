@@ -1,10 +1,15 @@
 """The ledger and publish step of the exactly-once commit loop.
 
-A shard is committed when its ledger record exists; nothing else counts. Publishing moves
-a shard's staged files to their final names (rename locally, copy+delete on S3) and writes
-the ledger record last. A rerun skips committed shards and first deletes every staged or
-published file of the shards it is about to redo, so a kill at any moment followed by a
-rerun yields exactly the rows of an uninterrupted run.
+A shard is committed when its ledger record exists; nothing else counts. Publishing puts a
+shard's files under their final names (parts merged into few large files by a Ray task, or a
+single large part copied/renamed as it is), then the ledger record is written last, then the
+staged parts are deleted in one batched request. A rerun skips committed shards and first
+deletes every staged or published file of the shards it is about to redo (found by prefix, per
+pending shard), so a kill at any moment followed by a rerun yields exactly the rows of an
+uninterrupted run.
+
+Readers: between a crash and the rerun, ``data/`` may hold files of a shard that has no ledger
+record yet. Readers that must never see them read the files named in the ledger records.
 """
 
 from __future__ import annotations
@@ -13,16 +18,27 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from ground.errors import AccountingError
-from ground.layout import FAILURES, KINDS, LEDGER, QUARANTINE, REPLACED, STAGING, shard_tag, tag_of_file
+from ground.layout import (FAILURES, KINDS, LEDGER, QUARANTINE, REPLACED, STAGING, published_name, shard_tag,
+                           staging_prefix, tag_of_file)
 from ground.schema import MARKER_END, MARKER_FAILED
 from operators.readers.base import rows_lost_of
 from ground.storage import filesystem, is_local, join, retry
 
 logger = logging.getLogger(__name__)
+
+# Listings that ``prepare`` runs at once (three small prefix LISTs per pending shard); s3fs keeps
+# 10 connections per client by default, so more threads would only queue.
+PREPARE_THREADS = 8
+
+# ``merge(tag, kind, parts, part_bytes, generation)`` publishes a shard's parts of one kind and returns the
+# final file names, or None to publish the parts as they are.
+MergeFn = Callable[[str, str, list[str], list[int], int], "list[str] | None"]
 
 
 @dataclass
@@ -35,6 +51,7 @@ class ShardProgress:
     damage: str | None = None
     failed: str | None = None  # why the read failed; a failed shard is never committed
     files: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    part_bytes: dict[str, int] = field(default_factory=dict)  # staged path -> size
     counts: Counter = field(default_factory=Counter)
     reasons: Counter = field(default_factory=Counter)
 
@@ -49,6 +66,7 @@ class ShardProgress:
             return
         self.rows += rec["rows"]
         self.files[rec["kind"]].append(rec["path"])
+        self.part_bytes[rec["path"]] = rec.get("bytes") or 0
         self.counts[rec["kind"]] += rec["rows"]
         self.reasons.update(json.loads(rec["reasons"] or "{}"))
         if rec.get("shard_rows") is not None:
@@ -65,6 +83,15 @@ class ShardProgress:
                 f"shard {self.shard}: {self.rows} rows written but the reader counted {self.rows_in} "
                 "(a task was retried after emitting rows); rerun to redo this shard")
         return self.rows_in is not None and self.rows == self.rows_in
+
+
+def _listing_requests(committed: int) -> float:
+    """Estimated LIST pages for all of data/, rejected/ and staging/ with ``committed`` shards.
+
+    S3 returns 1,000 keys a page; a committed shard has about one file per kind (few, large
+    files), so two keys per shard, plus a page for staging/ (only in-flight leftovers).
+    """
+    return 2 * committed / 1000 + len(KINDS) + 1
 
 
 class Ledger:
@@ -104,38 +131,114 @@ class Ledger:
         except FileNotFoundError:
             return None
 
-    def prepare(self, pending: list[str], keep: set[str] | None = None) -> int:
+    def _files_with_prefix(self, folder: str, prefix: str) -> list[str]:
+        """Files directly in ``folder`` whose names start with ``prefix``: one prefix LIST on S3/GCS."""
+        if self._local:
+            return [p for p in self._ls(folder) if p.rsplit("/", 1)[-1].startswith(prefix)]
+        try:
+            return sorted(self.fs.find(folder, prefix=prefix))
+        except TypeError:  # a backend without server-side prefixes: list the folder
+            return [p for p in self._ls(folder) if p.rsplit("/", 1)[-1].startswith(prefix)]
+        except FileNotFoundError:
+            return []
+
+    def _find(self, folder: str) -> list[str]:
+        try:
+            return sorted(self.fs.find(folder))
+        except FileNotFoundError:
+            return []
+
+    def leftovers(self, shard: str) -> tuple[list[str], list[str]]:
+        """(published files, staged parts) that exist for a shard, found by its tag prefix."""
+        tag = shard_tag(shard)
+        published = [p for kind in KINDS for p in self._files_with_prefix(self._p(kind), f"{tag}-")
+                     if tag_of_file(p) == tag]
+        if self._local:
+            return published, self._find(self._p(staging_prefix(tag)))
+        # A prefix listing of staging/ rather than find(staging/<tag>): find on a missing folder
+        # costs a HEAD and a second LIST to tell "empty" from "absent".
+        try:
+            staged = sorted(self.fs.find(self._p(STAGING), prefix=f"{tag}/"))
+        except TypeError:  # a backend without server-side prefixes
+            staged = self._find(self._p(staging_prefix(tag)))
+        except FileNotFoundError:
+            staged = []
+        return published, staged
+
+    def _leftovers_by_listing(self, tags: set[str]) -> tuple[list[str], list[str]]:
+        """(published, staged) files of ``tags`` from one listing of each output folder."""
+        published = [p for kind in KINDS for p in self._find(self._p(kind)) if tag_of_file(p) in tags]
+        base = self._p(STAGING)
+        staged = [p for p in self._find(base) if p[len(base) + 1:].split("/", 1)[0] in tags]
+        return published, staged
+
+    def remove(self, paths: list[str]) -> None:
+        """Delete files in batches (S3: one DeleteObjects per 1,000 keys)."""
+        if not paths:
+            return
+        if self._local:
+            for p in paths:
+                try:
+                    self.fs.rm(p)
+                except FileNotFoundError:
+                    pass
+            return
+        retry(lambda: self.fs.rm(list(paths)), f"delete {len(paths)} file(s) under {self.root}")
+
+    def prepare(self, pending: list[str], committed: int | None = None, keep: set[str] | None = None) -> int:
         """Delete staged and published files of shards about to be (re)done. Returns files removed.
 
-        Args:
-            pending: shards this run will write.
-            keep: published file names to leave alone: the files of committed shards being
-                redone (``input.on_change: redo``) stay visible until the new record replaces them.
+        ``keep`` names published files to leave alone: the files of committed shards being redone
+        (``input.on_change: redo``) stay visible until the new record replaces them.
+
+        Cost is proportional to the pending shards, not to the output: three prefix listings per
+        pending shard (``data/<tag>-``, ``rejected/<tag>-``, ``staging/<tag>/``), run in parallel,
+        then batched deletes. When ``committed`` (shards already in the ledger) says the whole
+        output lists in fewer requests (a first night: 10,000 pending, nothing committed), it
+        lists ``data/``, ``rejected/`` and ``staging/`` once instead. Published files go first, so
+        a kill in between leaves staged parts for the next rerun to find, never the reverse.
         """
-        tags = {shard_tag(s) for s in pending}
+        self.fs.invalidate_cache()
+        if not pending:
+            return 0
+        if self._local or (committed is not None and _listing_requests(committed) < 3 * len(pending)):
+            published, staged = self._leftovers_by_listing({shard_tag(s) for s in pending})
+        else:
+            with ThreadPoolExecutor(PREPARE_THREADS) as pool:
+                found = list(pool.map(self.leftovers, pending))
+            published = [p for pub, _ in found for p in pub]
+            staged = [p for _, stg in found for p in stg]
         keep = keep or set()
-        removed = 0
-        for kind in KINDS:
-            for p in self._ls(self._p(kind)):
-                if tag_of_file(p) in tags and p.rsplit("/", 1)[-1] not in keep:
-                    retry(lambda p=p: self.fs.rm(p), f"delete {p}")
-                    removed += 1
-        for p in self._ls(self._p(STAGING)):
-            if p.rstrip("/").rsplit("/", 1)[-1] in tags:
-                retry(lambda p=p: self.fs.rm(p, recursive=True), f"delete {p}")
-                removed += 1
+        published = [p for p in published if p.rsplit("/", 1)[-1] not in keep]
+        self.remove(published)
+        self.remove(staged)
+        if self._local:
+            for shard in pending:
+                folder = self._p(staging_prefix(shard_tag(shard)))
+                if self.fs.exists(folder):
+                    self.fs.rm(folder, recursive=True)
+        removed = len(published) + len(staged)
         if removed:
-            logger.info("removed %d leftover file(s)/folder(s) of %d pending shard(s)", removed, len(tags))
+            logger.info("removed %d leftover file(s) of %d pending shard(s)", removed, len(pending))
         return removed
 
-    def commit(self, progress: ShardProgress, info: dict[str, Any],
+    def commit(self, progress: ShardProgress, info: dict[str, Any], merge: MergeFn | None = None,
                replaces: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Publish a complete shard's files, then write its ledger record (last).
+        """Publish a complete shard's files, then write its ledger record (last), then drop its parts.
 
         Args:
+            progress: the shard's staged parts and counts.
+            info: extra fields of the ledger record (run id, config hash, fingerprint).
+            merge: merges parts into final files (``pipelines.commit`` runs it as a Ray task);
+                None publishes every part as one file.
             replaces: the shard's current ledger record when it is being redone. New files get
-                names the old record does not use; the old files are deleted only after the new
-                record is written, so readers see the old rows or the new ones, never both.
+                names the old record does not use (a new generation); the old files are deleted
+                only after the new record is written, so readers see the old rows or the new
+                ones, never both.
+
+        Requests on S3 per shard: the merge's own reads and writes (or one copy per part when
+        parts are published as they are), one PUT for the record, one DeleteObjects for the
+        parts. None of it depends on how much is already committed.
         """
         tag = shard_tag(progress.shard)
         generation = int((replaces or {}).get("generation") or 0) + 1 if replaces else 0
@@ -144,15 +247,15 @@ class Ledger:
         if rows_in != kept + rejected:
             raise AccountingError(f"shard {progress.shard}: rows_in={rows_in} != kept={kept} + rejected={rejected}")
         published: dict[str, list[str]] = {}
+        staged: list[str] = []
         for kind in KINDS:
-            published[kind] = []
-            if progress.files[kind] and self._local:
-                self.fs.makedirs(self._p(kind), exist_ok=True)
-            for seq, src in enumerate(sorted(progress.files[kind])):
-                name = f"{tag}-{seq:05d}.parquet" if not generation else f"{tag}-g{generation}x{seq:05d}.parquet"
-                dst = self._p(kind, name)
-                retry(lambda s=src, d=dst: self.fs.mv(s, d), f"publish {src}")
-                published[kind].append(dst.rsplit("/", 1)[-1])
+            parts = sorted(progress.files[kind])
+            staged += parts
+            names = merge(tag, kind, parts, [progress.part_bytes.get(p, 0) for p in parts], generation) \
+                if merge is not None and parts else None
+            if names is None:
+                names = self._publish_as_is(tag, kind, parts, generation)
+            published[kind] = names
         record = {
             "shard": progress.shard, "tag": tag, "rows_in": rows_in, "kept": kept, "rejected": rejected,
             "rejected_by_reason": dict(sorted(progress.reasons.items())), "damage": progress.damage,
@@ -165,11 +268,17 @@ class Ledger:
             # Written before the swap: a crash after it still gets the old files deleted next run.
             self._write_json(self._p(REPLACED, f"{tag}.json"),
                              {"shard": progress.shard, "files": replaces.get("files") or {}})
+        # The commit point: until this PUT lands the shard is pending and a rerun redoes it.
         self._write_json(self._p(LEDGER, f"{tag}.json"), record)
         try:
-            self.fs.rm(self._p(STAGING, tag), recursive=True)
+            if self._local:
+                self.fs.rm(self._p(staging_prefix(tag)), recursive=True)
+            else:
+                self.remove(staged)
         except FileNotFoundError:
             pass
+        except Exception as exc:  # noqa: BLE001 - the shard is committed; a leftover part is garbage
+            logger.warning("shard %s committed, but its staged parts were not deleted: %s", progress.shard, exc)
         if generation:
             self.finish_replacement(tag)
         return record
@@ -195,6 +304,36 @@ class Ledger:
         for p in notes:
             self.finish_replacement(p.rsplit("/", 1)[-1][: -len(".json")])
         return len(notes)
+
+    def _publish_as_is(self, tag: str, kind: str, parts: list[str], generation: int = 0) -> list[str]:
+        """Each part becomes one final file: a rename locally, a server-side copy on S3.
+
+        On S3 the parts stay in staging until the record is written (``commit`` deletes them in
+        one batch), so a kill before the record leaves the staged parts for the rerun to find.
+        """
+        names = []
+        if parts and self._local:
+            self.fs.makedirs(self._p(kind), exist_ok=True)
+        for seq, src in enumerate(parts):
+            dst = self._p(kind, published_name(tag, seq, generation))
+            if self._local:
+                retry(lambda s=src, d=dst: self.fs.mv(s, d), f"publish {src}")
+            else:
+                # cp_file, not copy: copy first asks whether source and target are folders (two LISTs).
+                retry(lambda s=src, d=dst: self.fs.cp_file(s, d), f"publish {src}")
+            names.append(published_name(tag, seq, generation))
+        return names
+
+    def sweep_staging(self, tags: set[str]) -> int:
+        """Delete staged leftovers of committed shards (parts of retried writer tasks).
+
+        One listing of ``staging/``, which holds only in-flight and leftover parts (committed
+        shards' parts are deleted at commit), so the cost does not grow with the output.
+        """
+        leftovers = [p for p in self._find(self._p(STAGING))
+                     if p[len(self._p(STAGING)) + 1:].split("/", 1)[0] in tags]
+        self.remove(leftovers)
+        return len(leftovers)
 
     def _write_json(self, path: str, obj: dict[str, Any]) -> None:
         data = json.dumps(obj, indent=1, sort_keys=True).encode()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -13,15 +13,89 @@ from operators.readers import make_reader
 from pipelines.config import PipelineConfig
 from ground.errors import ConfigError
 from ground.layout import shard_tag
+from ground.schema import INTERNAL_FIELDS, READER_SCHEMA
 from pipelines.ledger import Ledger
 from pipelines.stats import WRITER_STAGE, InstrumentedStage, stage_names, start_collector
 
 logger = logging.getLogger(__name__)
 
-# Read tasks are I/O bound; a quarter CPU each lets reads overlap decode on a 2-core box
-# instead of starving it (seen: two 1-CPU actors on 2 cores hang the read stage).
-READ_NUM_CPUS = 0.25
-WRITE_NUM_CPUS = 0.25
+# Columns a reader emits and the commit loop reads: no operator may produce them again.
+PROTECTED_COLUMNS = frozenset(READER_SCHEMA.names) | {f.name for f in INTERNAL_FIELDS}
+
+# How CPUs are split when resources.num_cpus is left unset (resolve_resources). A node of C
+# CPUs keeps HEADROOM(C) = max(HEADROOM_MIN, C * HEADROOM_FRACTION) for the light stages (read,
+# decode + filters, write, heads), each of which reserves a quarter of it (clamped to
+# LIGHT_SHARE_MIN..1 CPU); the CPU model actors share the rest. On 2 cores: model 1.5 CPUs
+# (2 torch threads), light stages 1/8 each. Light stages must never be starved by the model
+# actors (seen: two 1-CPU actors on 2 cores hang the read stage), hence the headroom.
+HEADROOM_MIN = 0.5
+HEADROOM_FRACTION = 0.25
+LIGHT_SHARE_MIN = 0.125
+# A GPU model actor decodes and preprocesses on its own threads (operators/models/prefetch.py):
+# it reserves this fraction of the CPUs that come with its GPU share; the rest feeds the light stages.
+GPU_ACTOR_CPU_FRACTION = 0.75
+
+
+@dataclass(frozen=True)
+class NodeShape:
+    """What one node of the connected cluster offers (the largest node; GPU nodes for GPU work)."""
+
+    cpus: float
+    #: CPUs per GPU on the GPU nodes (the smallest ratio among them), None without GPUs
+    cpus_per_gpu: float | None = None
+
+
+def cluster_node_shape() -> NodeShape:
+    """The node shape of the Ray cluster this driver is connected to (call after ``ray.init``)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    cpus = max((r.get("CPU", 0.0) for r in nodes), default=0.0) or 1.0
+    ratios = [r.get("CPU", 0.0) / r["GPU"] for r in nodes if r.get("GPU")]
+    return NodeShape(cpus=cpus, cpus_per_gpu=min(ratios) if ratios else None)
+
+
+def headroom(node: NodeShape) -> float:
+    return max(HEADROOM_MIN, node.cpus * HEADROOM_FRACTION)
+
+
+def light_share(node: NodeShape) -> float:
+    """CPUs one read/decode/filter/write task reserves on ``node``."""
+    return min(1.0, max(LIGHT_SHARE_MIN, headroom(node) / 4))
+
+
+def resolve_resources(steps: list[OperatorStep], node: NodeShape) -> list[OperatorStep]:
+    """Fill every unset ``num_cpus`` from ``node``; explicit values are kept as they are.
+
+    * CPU model operators (heavy, no GPU) share ``node.cpus - headroom`` in proportion to
+      their ``max_actors``, so together they use most of a node and never all of it;
+    * a GPU model actor gets ``GPU_ACTOR_CPU_FRACTION`` of the CPUs that come with its GPU
+      share (at least 1, at most what the CPU model operators could get);
+    * everything else (decode, filters, heads) a light share.
+
+    The resolved value travels in the step's config too (``config.resources``): it is what
+    Ray reserves for each actor, from which the actor sizes its torch and decode threads.
+    """
+    spare = max(node.cpus - headroom(node), LIGHT_SHARE_MIN)
+    auto_cpu_heavy = [s for s in steps if s.cls.heavy and s.resources.num_cpus is None and not s.resources.num_gpus]
+    actors = sum(s.resources.max_actors or 1 for s in auto_cpu_heavy)
+    out = []
+    for s in steps:
+        res = s.resources
+        if res.num_cpus is None:
+            if s.cls.heavy and res.num_gpus:
+                per_gpu = node.cpus_per_gpu or node.cpus
+                cpus = min(spare, max(1.0, GPU_ACTOR_CPU_FRACTION * per_gpu * res.num_gpus))
+            elif s.cls.heavy:
+                cpus = max(LIGHT_SHARE_MIN, spare / actors)
+            else:
+                cpus = light_share(node)
+            res = res.model_copy(update={"num_cpus": round(cpus, 3)})
+        config = s.config
+        if isinstance(getattr(config, "resources", None), type(res)):
+            config = config.model_copy(update={"resources": res})
+        out.append(replace(s, config=config, resources=res))
+    return out
 
 
 @dataclass
@@ -62,6 +136,9 @@ def operator_steps(cfg: PipelineConfig) -> list[OperatorStep]:
         if missing:
             raise ConfigError(f"operator {name!r} needs column(s) {missing} that no earlier operator produces "
                               "(order matters: decode before filters on width/height/format, clip before heads)")
+        clash = sorted(set(cls.outputs(op_cfg)) & PROTECTED_COLUMNS)
+        if clash:
+            raise ConfigError(f"operator {name!r} would overwrite core column(s) {clash}; give its output another name")
         available |= set(cls.outputs(op_cfg))
         steps.append(OperatorStep(name, cls, op_cfg, cls.resources(op_cfg)))
     return steps
@@ -137,11 +214,15 @@ def build_dataset(cfg: PipelineConfig, plan: Plan, run_id: str, file_meta: dict[
     reader = make_reader(cfg.input.model_dump())
     from ray.data import TaskPoolStrategy
 
+    node = cluster_node_shape()
+    steps = resolve_resources(plan.steps, node)
+    logger.info("node %g CPUs: %s", node.cpus,
+                ", ".join(f"{s.name} {s.resources.num_cpus:g} CPU" for s in steps) or "no operators")
     read_compute = TaskPoolStrategy(size=cfg.input.read_concurrency) if cfg.input.read_concurrency else None
     ds = ray.data.read_datasource(ShardDatasource(reader, plan.pending), override_num_blocks=len(plan.pending),
-                                  num_cpus=READ_NUM_CPUS, compute=read_compute)
+                                  num_cpus=light_share(node), compute=read_compute)
     collector = start_collector(run_id)
-    for step, stage in zip(plan.steps, stage_names(plan.steps)):
+    for step, stage in zip(steps, stage_names(steps)):
         ds = lower(ds, step, stage, collector)
     output = cfg.output.model_dump()
     writers: list[InstrumentedStage] = []
@@ -153,4 +234,4 @@ def build_dataset(cfg: PipelineConfig, plan: Plan, run_id: str, file_meta: dict[
         return writers[0](batch)
 
     return ds.map_batches(write, batch_format="pyarrow", batch_size=cfg.output.write_batch_rows,
-                          num_cpus=WRITE_NUM_CPUS, zero_copy_batch=True)
+                          num_cpus=light_share(node), zero_copy_batch=True)

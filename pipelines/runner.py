@@ -21,6 +21,7 @@ from pipelines.config import PipelineConfig, config_hash, public_dict
 from ground.errors import AccountingError, LockHeldError, MmcurateError, RayConnectError, StalledError
 from ground.layout import RUNS
 from operators.readers import make_reader
+from pipelines.commit import Committer
 from pipelines.ledger import Ledger, ShardProgress
 from pipelines.lock import RunLock
 from pipelines.plan import Plan, build_dataset, make_plan
@@ -339,7 +340,7 @@ def _run_locked(cfg: PipelineConfig, summary: RunSummary, ledger: Ledger, lock: 
                            summary.config_hash)
     if ledger.finish_replacements():
         logger.info("finished deleting the old files of shards redone by an interrupted run")
-    ledger.prepare(pending, keep=keep)
+    ledger.prepare(pending, committed=len(plan.committed), keep=keep)
     if not pending:
         return
 
@@ -350,11 +351,10 @@ def _run_locked(cfg: PipelineConfig, summary: RunSummary, ledger: Ledger, lock: 
     meta = file_metadata(cfg, plan, summary.run_id, summary.config_hash)
     info = {"run_id": summary.run_id, "config_hash": summary.config_hash, "pipeline": cfg.name}
 
-    def commit(p: ShardProgress) -> None:
-        if lock.lost:
-            raise LockHeldError(f"run lock {lock.path} was taken over by another run; stopping before "
-                                f"committing {p.shard} (rerun to finish)")
-        rec = ledger.commit(p, {**info, **reader.fingerprint(p.shard)}, replaces=redo.get(p.shard))
+    def record_info(p: ShardProgress) -> dict[str, Any]:  # runs on a commit thread
+        return {**info, **reader.fingerprint(p.shard)}
+
+    def on_commit(p: ShardProgress, rec: dict[str, Any]) -> None:  # the committer serialises these calls
         ledger.clear_failure(p.shard)
         summary.shards_committed += 1
         summary.rows_in += rec["rows_in"]
@@ -368,9 +368,21 @@ def _run_locked(cfg: PipelineConfig, summary: RunSummary, ledger: Ledger, lock: 
                     len(pending), p.shard, rec["rows_in"], rec["kept"], rec["rejected"],
                     f" (damaged: {rec['damage']})" if rec["damage"] else "")
 
+    # Complete shards are committed on the committer's threads while the stream goes on.
+    committer = Committer(ledger, cfg.output.model_dump(), record_info, on_commit)
+
+    def commit(p: ShardProgress) -> None:
+        if lock.lost:
+            raise LockHeldError(f"run lock {lock.path} was taken over by another run; stopping before "
+                                f"committing {p.shard} (rerun to finish)")
+        committer.submit(p, replaces=redo.get(p.shard))
+
     to_do, failed, attempt = list(pending), {}, 0
     while True:
-        failed = _run_plan(cfg, plan, to_do, summary.run_id, meta, commit)
+        try:
+            failed = _run_plan(cfg, plan, to_do, summary.run_id, meta, commit)
+        finally:
+            committer.wait()  # every shard handed over is committed before retries look at the ledger
         if not failed or attempt >= cfg.input.shard_retries:
             break
         attempt += 1
@@ -381,6 +393,7 @@ def _run_locked(cfg: PipelineConfig, summary: RunSummary, ledger: Ledger, lock: 
         time.sleep(delay)
         to_do = sorted(failed)
         ledger.prepare(to_do, keep=keep)  # their staged files were never published: start clean
+    committer.close()
     if failed:
         ledger.prepare(sorted(failed), keep=keep)  # never leave a failed shard's staged files behind
     for shard, why in sorted(failed.items()):

@@ -1,14 +1,22 @@
-"""Shared fixtures: one local Ray per session and a real S3 API server (moto) on 127.0.0.1.
+"""Shared fixtures: one local Ray per session, a real S3 API server (moto) on 127.0.0.1, tiny models.
 
 Nothing here fakes the code under test: s3fs and pyarrow talk HTTP to the moto server,
-and pipelines run on a real local Ray.
+pipelines run on a real local Ray, and model operators load real (tiny, random) transformers
+models built once per session.
+
+The environment the suite needs (test credentials, HF offline, a private model staging
+cache, an HF home under a temporary folder) is set in ``pytest_configure`` -- before test
+modules are imported, because huggingface_hub reads its settings at import -- and restored
+in ``pytest_unconfigure``. A session guard fails the run if anything new appears in HOME.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,16 +25,95 @@ import pytest
 # it (they inherit the environment). Distinctive values so leak checks can grep for them.
 TEST_KEY = "AKIAMMCURATETESTKEY01"
 TEST_SECRET = "mmcurate-test-secret-do-not-log"
-os.environ["AWS_ACCESS_KEY_ID"] = TEST_KEY
-os.environ["AWS_SECRET_ACCESS_KEY"] = TEST_SECRET
-os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+# Where the suite's own state goes for the whole run (model staging cache, HF home); made in
+# pytest_configure, removed in pytest_unconfigure.
+_SESSION: dict = {}
+
+
+def _home_entries() -> set[str]:
+    """What the suite must not add to: HOME's top level and everything under ~/.cache (2 levels)."""
+    home = Path.home()
+    out: set[str] = set()
+    if home.is_dir():
+        out |= {p.name for p in home.iterdir()}
+    cache = home / ".cache"
+    if cache.is_dir():
+        for p in cache.iterdir():
+            out.add(f".cache/{p.name}")
+            if p.is_dir():
+                try:
+                    out |= {f".cache/{p.name}/{q.name}" for q in p.iterdir()}
+                except OSError:
+                    pass
+    return out
+
+
+def pytest_configure(config):
+    """Set the suite's environment before any test module is imported; remember how to undo it."""
+    root = Path(tempfile.mkdtemp(prefix="mmcurate-tests-"))
+    mp = pytest.MonkeyPatch()
+    env = {
+        "AWS_ACCESS_KEY_ID": TEST_KEY,
+        "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        # Staged object-storage models and anything the HF libraries cache go under root,
+        # never to ~/.cache (operators.models.loading.cache_root, huggingface_hub, datasets).
+        "MMCURATE_MODEL_CACHE": str(root / "model-cache"),
+        "HF_HOME": str(root / "hf-home"),
+        # Browsers and other tools the tests start keep their caches and settings here too.
+        "XDG_CACHE_HOME": str(root / "xdg-cache"),
+        "XDG_CONFIG_HOME": str(root / "xdg-config"),
+        # ray.init() without an address joins any cluster `ray start` left on this machine;
+        # "local" makes every Ray the tests (and their subprocess runs) start a private one.
+        "RAY_ADDRESS": "local",
+        # Token auth (Ray's default for a new local Ray) writes ~/.ray/auth_token; the tests'
+        # private Rays need none. Tests of `ray start` clusters set RAY_AUTH_MODE themselves.
+        "RAY_AUTH_MODE": "disabled",
+    }
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "HF_ENDPOINT", "HF_HUB_CACHE"):
+        mp.delenv(name, raising=False)  # a developer's own settings must not leak into the tests
+    browsers = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ms-playwright"
+    if browsers.is_dir() and "PLAYWRIGHT_BROWSERS_PATH" not in os.environ:
+        env["PLAYWRIGHT_BROWSERS_PATH"] = str(browsers)  # installed browsers stay findable
+    for name, value in env.items():
+        mp.setenv(name, value)
+    _SESSION.update(root=root, monkeypatch=mp, home_before=_home_entries())
+
+
+def pytest_unconfigure(config):
+    mp = _SESSION.pop("monkeypatch", None)
+    if mp is not None:
+        mp.undo()
+    root = _SESSION.pop("root", None)
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_outside_tmp():
+    """Fail the session if the tests added anything to HOME or ~/.cache (they must use tmp folders)."""
+    yield
+    added = _home_entries() - _SESSION.get("home_before", set())
+    if added:
+        pytest.fail(f"the tests wrote outside their temporary folders: {sorted(added)}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    """The suite's private temporary folder (holds the model staging cache and HF home)."""
+    return _SESSION["root"]
+
+
+# Tries to start the session's Ray (see ray_session).
+RAY_START_ATTEMPTS = 5
 
 
 def free_port() -> int:
@@ -37,12 +124,30 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole session (2 CPUs, no dashboard)."""
+    """One private local Ray for the whole session.
+
+    It is started with ``tests.helpers.TEST_RAY``, the ``ray`` section every in-process test
+    config carries, so no test config asks for settings this shared Ray silently ignores.
+    """
+    import logging
+
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-                 object_store_memory=512 * 1024 * 1024)
+    from tests.helpers import TEST_RAY
+
+    # Ray gives a new node a fixed 30 s to register; a machine shared by many jobs can miss
+    # that window, so the session tries a few times before giving up.
+    for attempt in range(RAY_START_ATTEMPTS):
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(address="local", num_cpus=TEST_RAY["num_cpus"], include_dashboard=False,
+                     object_store_memory=TEST_RAY["object_store_memory_mb"] * 1024 * 1024,
+                     logging_level=logging.WARNING)
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception on a startup timeout
+            if "timed out during startup" not in str(exc) or attempt == RAY_START_ATTEMPTS - 1:
+                raise
+            ray.shutdown()
     yield ray
     ray.shutdown()
 
@@ -74,6 +179,31 @@ def s3(s3_server, request):
                            client_kwargs={"endpoint_url": s3_server})
     yield fs, opts, name
     fs.invalidate_cache()
+
+
+class TinyModels:
+    """Tiny random models built on first use, once per session, under one temporary folder.
+
+    ``tiny_models["clip"]`` is the local path of the tiny CLIP (see ``jobs.tiny_models``).
+    Tests must not modify these folders; copy one first (``shutil.copytree``) to damage it.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._built: dict[str, str] = {}
+
+    def __getitem__(self, name: str) -> str:
+        if name not in self._built:
+            from jobs.tiny_models import BUILDERS
+
+            self._built[name] = str(BUILDERS[name](self.root / name))
+        return self._built[name]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> TinyModels:
+    """Every tiny model the suite uses, each built once per session (they cost seconds each)."""
+    return TinyModels(tmp_path_factory.mktemp("tiny-models"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -152,6 +152,12 @@ class FaultProxy:
         if rule and rule.action == "hold":
             rule.waiting.set()
             rule.released.wait()
+            if _client_gone(h.connection):
+                # The client died while held (a test SIGKILLed it): the request must not land
+                # after its sender is dead, or a "killed before the ledger PUT" would commit.
+                self.log.append((h.command, h.path, "dropped"))
+                h.close_connection = True
+                return
         headers = {k: v for k, v in h.headers.items() if k.lower() not in HOP_HEADERS}
         headers["Content-Length"] = str(len(body))
         conn = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=60)
@@ -182,6 +188,20 @@ class FaultProxy:
             h.close_connection = True
             return
         h.wfile.write(data)
+
+
+def _client_gone(sock: socket.socket) -> bool:
+    """True when the peer closed the connection (a dead process's sockets read EOF or reset)."""
+    try:
+        sock.setblocking(False)
+        try:
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        finally:
+            sock.setblocking(True)
+    except BlockingIOError:
+        return False  # still open, nothing to read
+    except OSError:
+        return True
 
 
 def _read_chunked(rfile) -> bytes:

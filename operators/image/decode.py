@@ -12,6 +12,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from pydantic import Field
 
 from operators.base import Operator, OperatorConfig, Resources, pending_mask, register, set_column, with_rejects
+from operators.dedup.phash import phash64
 from operators.image.pixels import to_rgb
 from ground.schema import IMAGE_TYPE
 
@@ -32,7 +33,7 @@ class DecodeConfig(OperatorConfig):
     reencode_format: Literal["jpeg", "png", "webp"] | None = Field(
         None, description="re-encode every stored image to this format (default: only when changed)")
     quality: int = Field(90, ge=1, le=100)
-    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5, batch_size=64))
+    resources: Resources = Field(default_factory=lambda: Resources(batch_size=64))
 
 
 @register
@@ -41,8 +42,9 @@ class ImageDecoder(Operator):
 
     Input columns: ``image`` (struct{bytes, path}), ``reject_reason``.
     Output columns: ``width``, ``height`` (int32, after EXIF transpose), ``format`` (stored
-    format, lower case); ``image`` is replaced only when the image is normalised, resized or
-    re-encoded. ``sha256`` keeps the digest of the source bytes.
+    format, lower case), ``phash`` (int64: 64-bit DCT perceptual hash of the upright pixels
+    before any resize, see :mod:`operators.dedup.phash`; null on rejected rows); ``image`` is
+    replaced only when the image is normalised, resized or re-encoded. ``sha256`` keeps the digest of the source bytes.
     Resources: a CPU task pool (``resources``).
     Failure behaviour: ``decode:empty_image`` (zero bytes), ``decode:not_an_image``,
     ``decode:truncated``, ``decode:too_many_pixels`` (checked from the header, before any
@@ -52,7 +54,7 @@ class ImageDecoder(Operator):
     name = "decode"
     Config = DecodeConfig
     input_columns = ("image",)
-    output_columns = ("width", "height", "format")
+    output_columns = ("width", "height", "format", "phash")
 
     def __init__(self, config: DecodeConfig):
         super().__init__(config)
@@ -61,23 +63,25 @@ class ImageDecoder(Operator):
         if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < config.max_pixels:
             Image.MAX_IMAGE_PIXELS = config.max_pixels
         ImageFile.LOAD_TRUNCATED_IMAGES = False
+        self._phash_warned = False
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         pending = pending_mask(batch)
         images = batch["image"].to_pylist()
-        widths, heights, formats, reasons = [], [], [], []
+        widths, heights, formats, phashes, reasons = [], [], [], [], []
         changed = False
         for i, img in enumerate(images):
-            w = h = fmt = reason = None
+            w = h = fmt = phash = reason = None
             if pending[i]:
                 data = (img or {}).get("bytes")
-                out, w, h, fmt, reason = self._one(data or b"")
+                out, w, h, fmt, phash, reason = self._one(data or b"")
                 if out is not None:
                     images[i] = {"bytes": out, "path": _with_extension(img.get("path"), fmt)}
                     changed = True
             widths.append(w)
             heights.append(h)
             formats.append(fmt)
+            phashes.append(phash)
             reasons.append(reason and f"{self.name}:{reason}")
         out = batch
         if changed:
@@ -85,13 +89,14 @@ class ImageDecoder(Operator):
         out = set_column(out, "width", widths, pa.int32())
         out = set_column(out, "height", heights, pa.int32())
         out = set_column(out, "format", formats, pa.string())
+        out = set_column(out, "phash", phashes, pa.int64())
         return with_rejects(out, reasons)
 
-    def _one(self, data: bytes) -> tuple[bytes | None, int | None, int | None, str | None, str | None]:
-        """(new bytes or None, width, height, format, reject reason) for one image."""
+    def _one(self, data: bytes) -> tuple[bytes | None, int | None, int | None, str | None, int | None, str | None]:
+        """(new bytes or None, width, height, format, phash, reject reason) for one image."""
         cfg: DecodeConfig = self.config
         if not data:
-            return None, None, None, None, "empty_image"
+            return None, None, None, None, None, "empty_image"
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -101,27 +106,30 @@ class ImageDecoder(Operator):
                 # depth frames) as MPO; the file is a JPEG to every reader and filter.
                 src_format = JPEG_ALIASES.get(src_format, src_format)
                 if img.width * img.height > cfg.max_pixels:
-                    return None, None, None, None, "too_many_pixels"
+                    return None, None, None, None, None, "too_many_pixels"
                 img.load()
         except Image.DecompressionBombError:
-            return None, None, None, None, "too_many_pixels"
+            return None, None, None, None, None, "too_many_pixels"
         except UnidentifiedImageError:
-            return None, None, None, None, "not_an_image"
+            return None, None, None, None, None, "not_an_image"
         except (OSError, SyntaxError, ValueError) as exc:
             msg = str(exc).lower()
             if "truncated" in msg or "premature" in msg or "end of" in msg or "broken data stream" in msg:
-                return None, None, None, None, "truncated"
-            return None, None, None, None, "corrupt"
+                return None, None, None, None, None, "truncated"
+            return None, None, None, None, None, "corrupt"
         except Exception:  # noqa: BLE001 - any decoder fault on one image is that row's problem
-            return None, None, None, None, "corrupt"
+            return None, None, None, None, None, "corrupt"
         try:
             rotated = img.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None)
             upright = ImageOps.exif_transpose(img) if rotated else img
             needs_norm = cfg.normalize and (rotated or img.mode not in PLAIN_MODES)
             too_big = cfg.resize_max_side is not None and max(upright.size) > cfg.resize_max_side
             target = cfg.reencode_format or (src_format if needs_norm or too_big else None)
+            # Hashed from the upright pixels at full size (before any resize), so the stored
+            # image's hash does not depend on resize_max_side.
+            phash = self._phash(upright)
             if target is None:
-                return None, upright.width, upright.height, src_format, None
+                return None, upright.width, upright.height, src_format, phash, None
             out_img = to_rgb(upright) if (cfg.normalize or target == "jpeg") else upright
             if too_big:
                 out_img = out_img.copy()
@@ -132,9 +140,21 @@ class ImageDecoder(Operator):
             if fmt == "jpeg" and out_img.mode not in ("RGB", "L"):
                 out_img = to_rgb(out_img)
             out_img.save(buf, format=fmt.upper(), **save_kw)
-            return buf.getvalue(), out_img.width, out_img.height, fmt, None
+            return buf.getvalue(), out_img.width, out_img.height, fmt, phash, None
         except Exception:  # noqa: BLE001
-            return None, None, None, None, "corrupt"
+            return None, None, None, None, None, "corrupt"
+
+
+    def _phash(self, img: Image.Image) -> int | None:
+        """The image's pHash, or None (logged once) if its mode cannot be flattened to RGB: a
+        missing hash must not reject an image that decoded fine."""
+        try:
+            return phash64(img)
+        except Exception as exc:  # noqa: BLE001 - one odd image mode is that row's problem
+            if not self._phash_warned:
+                self._phash_warned = True
+                logger.warning("decode: cannot hash a %s image (%r); its phash is null", img.mode, exc)
+            return None
 
 
 _EXTENSIONS = {"jpeg": (".jpg", ".jpeg"), "png": (".png",), "webp": (".webp",)}

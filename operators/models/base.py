@@ -10,6 +10,7 @@ output columns (``clip``, ``clip_l14``, ``caption_blip``), so two instances stay
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
@@ -28,16 +29,33 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 
 class ModelResources(Resources):
-    """Resources with actor-pool defaults sized for a 2-core laptop.
+    """Resources of a model actor pool.
 
-    Half a CPU and one actor leave room for read and decode tasks (two 1-CPU actors on two
-    cores starve the readers and stall the plan). On a GPU cluster set ``num_gpus`` (0.5
-    packs two actors per GPU) and ``max_actors``.
+    ``num_cpus`` left unset is derived at run time from the connected cluster's nodes
+    (``pipelines.plan.resolve_resources``): on CPU most of a node, shared by the model
+    operators, with fractional shares left for read/decode/write; with GPUs a share of the
+    node's CPUs per GPU fraction, for the actor's decode threads. One actor by default; on a
+    GPU cluster set ``num_gpus`` (0.5 packs two actors per GPU) and ``max_actors``.
+    ``batch_size`` is the Ray batch handed to one call; the forward pass runs in chunks of the
+    config's ``forward_batch_size`` so decoding the next chunk overlaps the current forward.
     """
 
-    num_cpus: float = Field(0.5, gt=0)
-    batch_size: int | None = Field(32, ge=1)
+    batch_size: int | None = Field(256, ge=1)
     max_actors: int | None = Field(1, ge=1)
+
+
+# Per actor: decoded pixels + prepared inputs of rows handed to the decode threads and not yet
+# through the model. 512 MB holds 256 drafted 12-MP photos (~0.6 MB each at 1/8 scale) plus their
+# 224-px float32 inputs (0.6 MB each) with room to spare, and ~14 full-size 12-MP RGB decodes.
+DEFAULT_MAX_INFLIGHT_PIXELS_MB = 512
+# A neighbour on a shared GPU (fractional num_gpus) can hold memory for a moment; a single row
+# that runs out of memory is retried after these pauses (seconds) before it is rejected.
+OOM_RETRY_DELAYS_S = (0.2, 0.5, 1.0)
+# With a GPU, the thread launching kernels competes for the GIL with the prepare threads. Measured
+# on an H200 node (16 cores, CLIP ViT-L/14 fp16, benchmarks/bench_gpu_clip.py): 4/8/12/16 threads gave
+# 529/1077/921/726 img/s, and a 0.5 ms GIL switch interval (Python's default is 5 ms) 698/1210/1100/840.
+GPU_PREPARE_THREADS_FRACTION = 0.5
+GPU_SWITCH_INTERVAL_S = 0.0005
 
 
 class ModelConfig(OperatorConfig):
@@ -50,7 +68,15 @@ class ModelConfig(OperatorConfig):
     dtype: DType = Field("float32", description="float16 falls back to float32 on CPU")
     trust_remote_code: bool = False
     allow_pickle: bool = Field(False, description="allow .bin/.pt weights (pickle); default safetensors only")
-    cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (default: torch's)")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads on CPU (default: round(CPUs the actor was given))")
+    forward_batch_size: int = Field(32, ge=1, description="rows per forward pass; the Ray batch is split into these")
+    prepare_threads: int | None = Field(
+        None, ge=1,
+        description="threads decoding/preprocessing ahead of the model (default: the actor's CPUs; half on a GPU)")
+    max_inflight_pixels_mb: int = Field(
+        DEFAULT_MAX_INFLIGHT_PIXELS_MB, ge=1,
+        description="per actor: decoded pixels + prepared inputs waiting for the model, at most this many MB")
     inject_oom_above_rows: int | None = Field(
         None, ge=0, description="testing: raise CUDA out-of-memory for model calls on more rows than this")
     resources: ModelResources = Field(default_factory=ModelResources)
@@ -67,16 +93,35 @@ class ModelOperator(Operator):
     """Base for operators that run a model on an actor pool."""
 
     Config: ClassVar[type[ModelConfig]] = ModelConfig
+    heavy = True
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         import torch
 
+        from operators.models.prefetch import Prefetcher
+
         self.torch = torch
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        if config.cpu_threads and self.device == "cpu":
-            torch.set_num_threads(config.cpu_threads)
+        # config.resources.num_cpus is what Ray reserved for this actor (the planner resolves an
+        # unset value from the cluster before the actor starts). Ray itself sets OMP_NUM_THREADS to
+        # floor(num_cpus), which leaves 1.5 CPUs running one torch thread.
+        assigned = config.resources.num_cpus
+        if self.device == "cpu":
+            threads = config.cpu_threads or (max(1, round(assigned)) if assigned else None)
+        else:
+            # On a GPU the only CPU torch work is preprocessing, spread over the prepare threads:
+            # intra-op threads on top of them would oversubscribe the cores many times over.
+            threads = config.cpu_threads or 1
+        if threads:
+            torch.set_num_threads(threads)
+        prepare = max(1, round(assigned or 1))
+        if self.device == "cuda":
+            prepare = max(1, round(prepare * GPU_PREPARE_THREADS_FRACTION))
+            # the kernel-launching thread gets the GIL back sooner (this process is the actor's own)
+            sys.setswitchinterval(GPU_SWITCH_INTERVAL_S)
+        self.prefetcher = Prefetcher(config.prepare_threads or prepare, config.max_inflight_pixels_mb * 1024 * 1024)
         self.source = loading.resolve_local(config.model, config.storage_options)
         loading.check_weights_allowed(self.source, config.allow_pickle)
         self.model_seconds = 0.0
@@ -119,10 +164,12 @@ class ModelOperator(Operator):
                   ) -> tuple[dict[int, Any], dict[int, str]]:
         """Run ``fn`` on ``rows``, halving the batch on CUDA out-of-memory down to single rows.
 
-        Returns ({row: result}, {row: reason}). A single row that still runs out of memory is
-        rejected ``oom``; a single row whose call raises anything else ``model_error``. When a
-        whole batch of several rows fails with ordinary errors, the model is broken, not the
-        rows: that is raised (a systemic fault stops the run).
+        Returns ({row: result}, {row: reason}). A single row that runs out of memory is retried
+        after each pause in ``OOM_RETRY_DELAYS_S`` (emptying the CUDA cache first: on a shared GPU
+        the memory may belong to a neighbour for a moment) and only then rejected ``oom``; a
+        single row whose call raises anything else ``model_error``. When a whole batch of
+        several rows fails with ordinary errors, the model is broken, not the rows: that is
+        raised (a systemic fault stops the run).
         """
         results: dict[int, Any] = {}
         reasons: dict[int, str] = {}
@@ -130,7 +177,7 @@ class ModelOperator(Operator):
         limit = self.config.inject_oom_above_rows
         oom = self.torch.OutOfMemoryError
 
-        def go(chunk: list[int]) -> None:
+        def go(chunk: list[int], attempt: int = 0) -> None:
             try:
                 if limit is not None and len(chunk) > limit:
                     raise oom(f"injected: {len(chunk)} rows > inject_oom_above_rows={limit}")
@@ -142,6 +189,12 @@ class ModelOperator(Operator):
             except oom:
                 if self.device == "cuda":
                     self.torch.cuda.empty_cache()
+                if len(chunk) == 1 and attempt < len(OOM_RETRY_DELAYS_S):
+                    logger.info("%s: out of memory on one row; retrying in %.1fs", self.name,
+                                OOM_RETRY_DELAYS_S[attempt])
+                    time.sleep(OOM_RETRY_DELAYS_S[attempt])
+                    go(chunk, attempt + 1)
+                    return
                 if len(chunk) == 1:
                     reasons[chunk[0]] = "oom"
                     self.warn_once("oom", "%s: out of memory on a single row; rejecting it as oom", self.name)
@@ -161,6 +214,32 @@ class ModelOperator(Operator):
             go(list(rows))
         if len(rows) > 1 and len(errors) == len(rows):
             raise RuntimeError(f"{self.name}: every row of a {len(rows)}-row batch failed: {errors[0]!r}") from errors[0]
+        return results, reasons
+
+    def run_chunks(self, batch: pa.Table, rows: list[int], prepare: Callable[[bytes], Any],
+                   forward: Callable[[list[int], dict[int, Any]], Sequence[Any]], size: Any = None,
+                   prepared_bytes: int = 0) -> tuple[dict[int, Any], dict[int, str]]:
+        """Prepare ``rows`` ahead on the decode threads and run ``forward`` chunk by chunk.
+
+        ``prepare(image_bytes)`` turns one row's encoded image into model input (on a pool
+        thread); ``forward(chunk, prepared)`` runs the model on ``forward_batch_size`` rows
+        (through :meth:`run_split`, so out-of-memory halves the chunk). ``size`` and
+        ``prepared_bytes`` feed the in-flight byte budget (see :func:`pixel_charge`).
+        Returns ({row: result}, {row: reason}); a row whose bytes do not decode is ``bad_image``.
+        """
+        cfg: ModelConfig = self.config
+        data = image_bytes(batch)
+        results: dict[int, Any] = {}
+        reasons: dict[int, str] = {}
+        chunks = self.prefetcher.chunks(rows, lambda i: pixel_charge(data[i], size, prepared_bytes),
+                                        lambda i: prepare(data[i]), cfg.forward_batch_size)
+        for chunk, prepared, failed in chunks:
+            for i, exc in failed.items():
+                reasons[i] = "bad_image"
+                self.warn_once("bad_image", "%s: could not decode an image: %r", self.name, exc)
+            done, bad = self.run_split(lambda sub: forward(sub, prepared), [i for i in chunk if i in prepared])
+            results.update(done)
+            reasons.update(bad)
         return results, reasons
 
     def finish(self, batch: pa.Table, columns: dict[str, pa.Array], reasons: dict[int, str]) -> pa.Table:
@@ -199,25 +278,44 @@ def pending_rows(batch: pa.Table) -> list[int]:
     return [int(i) for i in np.flatnonzero(pending_mask(batch))]
 
 
-def load_images(batch: pa.Table, rows: list[int], column: str = "image") -> tuple[dict[int, Any], dict[int, str]]:
-    """Decode the image bytes of ``rows`` to upright RGB PIL images; failures are ``bad_image``.
+def image_bytes(batch: pa.Table, column: str = "image") -> list[bytes | None]:
+    """The encoded image of every row (``image.bytes`` of the HF Image struct, or a binary column)."""
+    col = batch[column].combine_chunks()
+    if pa.types.is_struct(col.type):
+        col = col.field("bytes")
+    return col.to_pylist()
 
-    The spine's decode already validated and normalised the stored bytes, so this decode
-    only turns them into pixels for the model's own processor (see benchmarks/README.md).
-    """
-    from operators.image.pixels import decode_rgb
 
-    images: dict[int, Any] = {}
-    reasons: dict[int, str] = {}
-    col = batch[column]
-    for i in rows:
-        value = col[i].as_py()
-        data = value.get("bytes") if isinstance(value, dict) else value
-        try:
-            images[i] = decode_rgb(data)
-        except Exception:  # noqa: BLE001 - a row's bad bytes are that row's problem
-            reasons[i] = "bad_image"
-    return images, reasons
+def pixel_charge(data: bytes | None, size: Any, prepared_bytes: int) -> int:
+    """Bytes a row will hold while waiting for the model: its decoded RGB (at the scale
+    ``decode_rgb`` will decode it for ``size``) plus ``prepared_bytes`` of model input."""
+    from operators.image.pixels import REDUCING_GAP, needed_scale, probe
+
+    try:
+        w, h, fmt = probe(data)
+    except Exception:  # noqa: BLE001 - undecodable: it fails fast in prepare and holds nothing
+        return prepared_bytes
+    scale = needed_scale(size, w, h) if size is not None else None
+    if scale is not None and scale * REDUCING_GAP < 1 and fmt == "JPEG":
+        # libjpeg scales by 1/2, 1/4 or 1/8: the smallest of those still at least the draft target
+        s = scale * REDUCING_GAP
+        factor = max((f for f in (1, 2, 4, 8) if 1 / f >= s), default=1)
+        w, h = -(-w // factor), -(-h // factor)
+    return w * h * 3 + prepared_bytes
+
+
+def image_size_of(processor: Any) -> Any:
+    """The ``size`` an HF image processor (or a processor holding one) resizes to, or None."""
+    inner = getattr(processor, "image_processor", processor)
+    return getattr(inner, "size", None)
+
+
+def processor_backend() -> str:
+    """``torchvision`` when installed, else ``pil``: asking explicitly avoids transformers'
+    "requires torchvision, falling back" warning on every actor of a CPU-only install."""
+    import importlib.util
+
+    return "torchvision" if importlib.util.find_spec("torchvision") else "pil"
 
 
 def embedding_type(dim: int) -> pa.DataType:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any, Literal
 
@@ -9,7 +10,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from operators.base import register
-from operators.models.base import ModelConfig, ModelOperator, load_images, pending_rows
+from operators.models.base import ModelConfig, ModelOperator, image_size_of, pending_rows, processor_backend
 from ground.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,9 @@ class CaptionConfig(ModelConfig):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(50, ge=0)
-    seed: int | None = Field(None, description="seed torch before each batch when sampling")
+    seed: int | None = Field(
+        None, description="with do_sample: each row samples from its own generator seeded by (seed, key), "
+                          "so a row's caption does not depend on batching, order or actor")
 
 
 @register
@@ -44,7 +47,11 @@ class Captioner(ModelOperator):
     larger than the decoder's vocabulary is refused, which catches the GPT-2-with-BertTokenizer
     mistake), ``blip`` (``BlipForConditionalGeneration`` + ``AutoProcessor``, optional prompt)
     and ``image_text_to_text`` (``AutoModelForImageTextToText`` + ``AutoProcessor``, prompt via the
-    model's chat template or ``prompt_template``; only newly generated tokens are kept).
+    model's chat template or ``prompt_template``). Every kind stores only the generated caption:
+    the BLIP prompt it continues and a VLM's instruction are stripped (decoder-only VLMs return
+    the prompt tokens, encoder-decoder ones do not; both are handled).
+    Sampling with ``seed`` is reproducible per row: each row is generated on its own from a
+    generator seeded by ``(seed, key)`` (a row at a time, so slower than batched sampling).
 
     Input columns: ``image`` (validated bytes), ``reject_reason``.
     Output columns: ``caption_<name>`` (string).
@@ -82,34 +89,50 @@ class Captioner(ModelOperator):
         from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
 
         self.model = self.place(VisionEncoderDecoderModel.from_pretrained(self.source, **self.model_kwargs()))
-        self.image_processor = AutoImageProcessor.from_pretrained(self.source, **self.pretrained_kwargs())
+        self.image_processor = AutoImageProcessor.from_pretrained(self.source, backend=processor_backend(),
+                                                                  **self.pretrained_kwargs())
+        self.image_size = image_size_of(self.image_processor)
         self.tokenizer = AutoTokenizer.from_pretrained(self.source, **self.pretrained_kwargs())
         # The decoder ends captions with its own end token; a tokenizer that does not know that
         # id (BertTokenizer next to a GPT-2 decoder) decodes garbage. Refuse it at load.
         dec = self.model.config.decoder
         end = self.model.generation_config.eos_token_id
         end = dec.eos_token_id if end is None else end
+        # generation configs may list several end ids; the tokenizer must know one of them
+        ends = [] if end is None else (list(end) if isinstance(end, (list, tuple)) else [end])
         known = {self.tokenizer.eos_token_id, self.tokenizer.sep_token_id} - {None}
-        if len(self.tokenizer) > dec.vocab_size or (end is not None and end not in known):
+        if len(self.tokenizer) > dec.vocab_size or (ends and not known.intersection(ends)):
             raise ConfigError(
                 f"{self.config.model}: tokenizer {type(self.tokenizer).__name__} does not match the "
                 f"{dec.model_type} decoder (end token {end}, tokenizer end tokens {sorted(known)}, "
                 f"{len(self.tokenizer)} vs {dec.vocab_size} tokens): save the decoder's own tokenizer with the model")
 
+        # The decoder starts from one start token for every image, so nothing is padded; generate
+        # cannot know that and warns about a missing attention mask when pad == eos (GPT-2).
+        logging.getLogger("transformers.generation.utils").addFilter(_PixelInputMaskWarning())
+
     def _load_blip(self) -> None:
         from transformers import AutoProcessor, BlipForConditionalGeneration
 
         self.model = self.place(BlipForConditionalGeneration.from_pretrained(self.source, **self.model_kwargs()))
-        self.processor = AutoProcessor.from_pretrained(self.source, **self.pretrained_kwargs())
+        self.processor = AutoProcessor.from_pretrained(self.source, backend=processor_backend(),
+                                                       **self.pretrained_kwargs())
         self.tokenizer = self.processor.tokenizer
+        self.image_size = image_size_of(self.processor)
+        # BLIP's generate returns the prompt it continued; its decoded text is cut off the caption
+        prompt = self.config.prompt
+        self.blip_prompt = (self.tokenizer.decode(self.tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                                                  skip_special_tokens=True).strip() if prompt else "")
 
     def _load_image_text_to_text(self) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         cfg: CaptionConfig = self.config
         self.model = self.place(AutoModelForImageTextToText.from_pretrained(self.source, **self.model_kwargs()))
-        self.processor = AutoProcessor.from_pretrained(self.source, **self.pretrained_kwargs())
+        self.processor = AutoProcessor.from_pretrained(self.source, backend=processor_backend(),
+                                                       **self.pretrained_kwargs())
         self.tokenizer = self.processor.tokenizer
+        self.image_size = image_size_of(self.processor)
         # Decoder-only generation continues the last position: pad on the left.
         self.tokenizer.padding_side = "left"
         instruction = cfg.prompt or DEFAULT_VLM_PROMPT
@@ -144,12 +167,21 @@ class Captioner(ModelOperator):
             out[k] = v
         return out
 
-    def generate(self, images: list) -> list[str]:
-        """Captions for a list of RGB PIL images."""
+    def generate(self, images: list, keys: list[str] | None = None) -> list[str]:
+        """Captions for a list of RGB PIL images (``keys``: the rows' keys, for per-row sampling seeds)."""
+        cfg: CaptionConfig = self.config
+        if cfg.do_sample and cfg.seed is not None:
+            keys = keys if keys is not None else [str(k) for k in range(len(images))]
+            out = []
+            for image, key in zip(images, keys):
+                self.torch.manual_seed(row_seed(cfg.seed, key))
+                out.extend(self._generate([image]))
+            return out
+        return self._generate(images)
+
+    def _generate(self, images: list) -> list[str]:
         cfg: CaptionConfig = self.config
         torch = self.torch
-        if cfg.do_sample and cfg.seed is not None:
-            torch.manual_seed(cfg.seed)
         n = len(images)
         if self.kind == "vision_encoder_decoder":
             inputs = {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}
@@ -162,15 +194,54 @@ class Captioner(ModelOperator):
         with torch.inference_mode():
             ids = self.model.generate(**inputs, **self.generation)
         if self.kind == "image_text_to_text":
-            ids = ids[:, inputs["input_ids"].shape[1]:]
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+            ids = generated_part(ids, inputs["input_ids"].shape[1], self.model.config.is_encoder_decoder)
+        captions = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        if self.kind == "blip" and self.blip_prompt:
+            captions = [strip_prompt(c, self.blip_prompt) for c in captions]
+        return captions
+
+    def prepare(self, data: bytes):
+        """One row's encoded image -> an upright RGB PIL image no larger than the processor needs."""
+        from operators.image.pixels import decode_rgb
+
+        return decode_rgb(data, self.image_size)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = pending_rows(batch)
-        images, reasons = load_images(batch, rows)
-        results, failed = self.run_split(lambda chunk: self.generate([images[i] for i in chunk]),
-                                         [i for i in rows if i in images])
-        reasons.update(failed)
+        keys = batch["key"].to_pylist() if "key" in batch.column_names else [str(i) for i in range(batch.num_rows)]
+        results, reasons = self.run_chunks(
+            batch, rows, self.prepare,
+            lambda chunk, images: self.generate([images[i] for i in chunk], [keys[i] for i in chunk]),
+            size=self.image_size)
         captions = [results.get(i) for i in range(batch.num_rows)]
         (column,) = self.outputs(self.config)
         return self.finish(batch, {column: pa.array(captions, type=pa.string())}, reasons)
+
+
+class _PixelInputMaskWarning(logging.Filter):
+    """Drops generate's attention-mask warning, which does not apply to pixel-input encoder-decoders."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "attention mask is not set" not in record.getMessage()
+
+
+def generated_part(ids, prompt_len: int, is_encoder_decoder: bool):
+    """The newly generated tokens of ``generate``'s output.
+
+    Decoder-only models return prompt + new tokens, so the first ``prompt_len`` go; encoder-
+    decoder models return only the decoder's tokens (after its start token, which
+    ``skip_special_tokens`` drops), so nothing is cut.
+    """
+    return ids if is_encoder_decoder else ids[:, prompt_len:]
+
+
+def strip_prompt(caption: str, prompt: str) -> str:
+    """``caption`` without a leading ``prompt`` (compared case-insensitively: BLIP's tokenizer lowercases)."""
+    if prompt and caption.lower().startswith(prompt.lower()):
+        return caption[len(prompt):].strip()
+    return caption
+
+
+def row_seed(seed: int, key: str) -> int:
+    """A 63-bit seed for one row from the config's seed and the row's key (stable across runs)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") >> 1

@@ -10,7 +10,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from operators.base import register
-from operators.models.base import (ModelConfig, ModelOperator, embedding_array, load_images, pending_rows)
+from operators.models.base import (ModelConfig, ModelOperator, embedding_array, image_size_of, pending_rows,
+                                   processor_backend)
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,62 @@ class ClipConfig(ModelConfig):
     prefix: str = Field("clip", pattern=r"^[a-z][a-z0-9_]*$",
                         description="output column prefix; two CLIP models in one pipeline need two prefixes")
     text_column: str = Field("text", description="caption to embed; rows with null/empty text get no text embedding")
+
+
+class PlainRecipe:
+    """The CLIP/SigLIP image recipe (resize, optional centre crop, rescale, normalise) split in two:
+    Pillow resize + crop to uint8 per image on a decode thread, then rescale + normalise of a whole
+    chunk on the model's device. Matches the processor's pixel_values within resampling rounding.
+    """
+
+    def __init__(self, processor: Any):
+        size, crop = processor.size, getattr(processor, "crop_size", None)
+        self.shortest_edge = getattr(size, "shortest_edge", None)
+        self.exact = (size.height, size.width) if self.shortest_edge is None else None
+        self.crop = (crop.height, crop.width) if getattr(processor, "do_center_crop", False) else None
+        self.resample = int(getattr(processor, "resample", 3))
+        self.scale = float(processor.rescale_factor) if processor.do_rescale else 1.0
+        self.mean = list(processor.image_mean) if processor.do_normalize else [0.0, 0.0, 0.0]
+        self.std = list(processor.image_std) if processor.do_normalize else [1.0, 1.0, 1.0]
+
+    @classmethod
+    def of(cls, processor: Any) -> "PlainRecipe | None":
+        """The recipe of ``processor``, or None when it does anything else (padding, tiling, ...)."""
+        size = getattr(processor, "size", None)
+        known = {"do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb", "resample", "size",
+                 "crop_size", "rescale_factor", "image_mean", "image_std", "processor_class", "image_processor_type",
+                 "default_to_square", "data_format", "input_data_format", "device", "return_tensors",
+                 "disable_grouping", "do_pad", "pad_size", "backend", "image_seq_length"}
+        extra = [k for k, v in vars(processor).items() if not k.startswith("_") and k not in known and v]
+        if (size is None or not getattr(processor, "do_resize", False) or getattr(processor, "do_pad", False)
+                or extra or not (getattr(size, "shortest_edge", None)
+                                 or (getattr(size, "height", None) and getattr(size, "width", None)))):
+            return None
+        return cls(processor)
+
+    def pixels(self, image) -> np.ndarray:
+        """Resized (and centre-cropped) uint8 pixels [H, W, 3] of an RGB PIL image."""
+        w, h = image.size
+        if self.shortest_edge is not None:
+            s = self.shortest_edge
+            size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+        else:
+            size = (self.exact[1], self.exact[0])
+        image = image.resize(size, resample=self.resample)
+        if self.crop is not None:
+            ch, cw = self.crop
+            top, left = (image.size[1] - ch) // 2, (image.size[0] - cw) // 2
+            image = image.crop((left, top, left + cw, top + ch))
+        return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only
+
+    def normalize(self, pixels, dtype):
+        """uint8 [n, H, W, 3] (a torch tensor on the model's device) -> normalised [n, 3, H, W] in ``dtype``."""
+        import torch
+
+        x = pixels.permute(0, 3, 1, 2).float() * self.scale
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(dtype)
 
 
 def _features(out: Any):
@@ -40,7 +97,9 @@ class ClipEmbedder(ModelOperator):
     (L2-normalised, ``fixed_size_list<float16>[D]``), ``<prefix>_score`` (float32 cosine of the
     two, computed before float16 storage). Rows without text get the image embedding only.
     Resources: an actor pool (``resources``: num_gpus, num_cpus, min/max actors, batch_size);
-    images are decoded in the actor and resized/normalised by the model's own image processor.
+    images are decoded in the actor (JPEGs at reduced scale, no larger than the processor needs)
+    and resized/normalised by the model's own image processor on ``prepare_threads`` threads,
+    ahead of the forward pass, within ``max_inflight_pixels_mb``.
     Failure behaviour: rejected rows get no work and null outputs; undecodable bytes
     ``<prefix>:bad_image``; a row that runs out of memory alone ``<prefix>:oom`` (batches are
     halved first); a row whose forward raises ``<prefix>:model_error``. A missing or unsafe
@@ -49,7 +108,11 @@ class ClipEmbedder(ModelOperator):
 
     name = "clip"
     Config = ClipConfig
-    input_columns = ("image",)
+
+    @classmethod
+    def inputs(cls, config: ClipConfig) -> tuple[str, ...]:
+        # a misspelt text_column is a plan-time error, not a column of null text embeddings
+        return ("image", config.text_column)
 
     @classmethod
     def outputs(cls, config: ClipConfig) -> tuple[str, ...]:
@@ -65,18 +128,45 @@ class ClipEmbedder(ModelOperator):
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
         self.model = self.place(AutoModel.from_pretrained(self.source, **self.model_kwargs()))
-        self.image_processor = AutoImageProcessor.from_pretrained(self.source, **self.pretrained_kwargs())
+        self.image_processor = AutoImageProcessor.from_pretrained(self.source, backend=processor_backend(),
+                                                                  **self.pretrained_kwargs())
+        self.image_size = image_size_of(self.image_processor)
         self.tokenizer = AutoTokenizer.from_pretrained(self.source, **self.pretrained_kwargs())
         mcfg = self.model.config
         self.dim = int(getattr(mcfg, "projection_dim", None) or mcfg.vision_config.hidden_size)
         positions = int(mcfg.text_config.max_position_embeddings)
         self.max_tokens = min(positions, int(self.tokenizer.model_max_length or positions))
         self.padding = "max_length" if mcfg.model_type in PAD_TO_MAX_LENGTH else True
+        side = int(getattr(mcfg.vision_config, "image_size", 224))
+        self.recipe = PlainRecipe.of(self.image_processor)
+        # one prepared row: uint8 pixels with the plain recipe, else float32 pixel_values
+        self.input_bytes = 3 * side * side * (1 if self.recipe is not None else 4)
+
+    def prepare(self, data: bytes) -> np.ndarray:
+        """One row's encoded image -> model input (runs on a decode thread).
+
+        With a plain resize(+crop)/rescale/normalise processor (CLIP, SigLIP): the resized and
+        cropped uint8 pixels [H, W, 3], done in Pillow, which releases the GIL, so the threads
+        scale over cores; the chunk is rescaled and normalised at once on the model's device
+        (:meth:`normalize`). Otherwise: the processor's float32 pixel_values [3, H, W].
+        """
+        from operators.image.pixels import decode_rgb
+
+        image = decode_rgb(data, self.image_size)
+        if self.recipe is not None:
+            return self.recipe.pixels(image)
+        return self.image_processor(images=[image], return_tensors="np")["pixel_values"][0]
 
     def embed_images(self, images: list) -> np.ndarray:
-        """L2-normalised float32 image embeddings [n, D]."""
+        """L2-normalised float32 image embeddings [n, D] of PIL images."""
+        return self.embed_pixels(self.image_processor(images=images, return_tensors="np")["pixel_values"])
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """L2-normalised float32 image embeddings [n, D] of preprocessed pixel_values [n, 3, H, W]."""
         torch = self.torch
-        px = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        px = torch.from_numpy(np.ascontiguousarray(pixels))
+        if px.dtype == torch.uint8:  # uint8 [n, H, W, 3] from the plain recipe
+            px = self.recipe.normalize(px.to(self.device, non_blocking=True), self.dtype)
         with torch.inference_mode():
             feats = _features(self.model.get_image_features(pixel_values=px.to(self.device, self.dtype)))
             return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
@@ -94,19 +184,18 @@ class ClipEmbedder(ModelOperator):
     def __call__(self, batch: pa.Table) -> pa.Table:
         cfg: ClipConfig = self.config
         rows = pending_rows(batch)
-        images, reasons = load_images(batch, rows)
         texts = (batch[cfg.text_column].to_pylist() if cfg.text_column in batch.column_names
                  else [None] * batch.num_rows)
 
-        def forward(chunk: list[int]) -> list[tuple[np.ndarray, np.ndarray | None]]:
-            img = self.embed_images([images[i] for i in chunk])
+        def forward(chunk: list[int], pixels: dict[int, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+            img = self.embed_pixels(np.stack([pixels[i] for i in chunk]))
             with_text = [k for k, i in enumerate(chunk) if texts[i] and texts[i].strip()]
             txt = self.embed_texts([texts[chunk[k]] for k in with_text]) if with_text else None
             by_pos = dict(zip(with_text, txt)) if with_text else {}
             return [(img[k], by_pos.get(k)) for k in range(len(chunk))]
 
-        results, failed = self.run_split(forward, [i for i in rows if i in images])
-        reasons.update(failed)
+        results, reasons = self.run_chunks(batch, rows, self.prepare, forward, size=self.image_size,
+                                           prepared_bytes=self.input_bytes)
         n = batch.num_rows
         img_vecs = {i: r[0] for i, r in results.items()}
         txt_vecs = {i: r[1] for i, r in results.items() if r[1] is not None}

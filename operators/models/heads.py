@@ -8,12 +8,13 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from operators.base import Operator, OperatorConfig, register, set_column
 from operators.models import loading
 from operators.models.base import ModelResources, l2_normalize, pending_rows, read_embeddings
 from ground.errors import ConfigError
+from ground.schema import CORE_ORDER, INTERNAL_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,15 @@ class HeadConfig(OperatorConfig):
     output_activation: Literal["none", "sigmoid", "softmax"] = "none"
     output_index: int = Field(0, ge=0, description="which output unit to store when the head has several")
     normalize_input: bool = Field(True, description="L2-normalise the (float16-stored) embedding first")
-    resources: ModelResources = Field(default_factory=lambda: ModelResources(num_cpus=0.25, batch_size=1024))
+    resources: ModelResources = Field(default_factory=lambda: ModelResources(batch_size=1024))
+
+    @field_validator("output")
+    @classmethod
+    def _not_a_core_column(cls, value: str) -> str:
+        # a head named reject_reason or text would silently overwrite what the writer routes on
+        if value in CORE_ORDER or value in {f.name for f in INTERNAL_FIELDS}:
+            raise ValueError(f"output {value!r} is a core column; name the score after the head (e.g. nsfw_score)")
+        return value
 
 
 class AestheticConfig(HeadConfig):
@@ -65,6 +74,12 @@ def load_linear_stack(path: str, allow_pickle: bool) -> list[tuple[np.ndarray, n
                     if (k == "weight" or k.endswith(".weight")) and v.ndim == 2), key=_natural_key)
     if not names:
         raise ConfigError(f"{path}: no Linear weights in the state dict")
+    linear = {f"{n}{part}" for n in names for part in ("weight", "bias")}
+    others = sorted((k for k in state if k not in linear), key=_natural_key)
+    if others:
+        # LayerNorm/BatchNorm weights are 1-D; skipping them would compute different scores
+        raise ConfigError(f"{path}: tensors {others[:4]} are not Linear weights/biases (a norm or other layer); "
+                          "the head operator runs Linear layers with activations only")
     layers = []
     for n in names:
         w = state[f"{n}weight"].astype(np.float32)

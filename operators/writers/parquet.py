@@ -1,9 +1,27 @@
-"""Writes rows to staging Parquet, one set of files per input shard, and reports them."""
+"""Writes rows to staging Parquet, one set of files per input shard, and merges a shard's parts.
+
+Two steps make "few, large files" without ever holding a shard's rows in one place:
+
+1. ``StagingParquetWriter`` (the last map_batches of every plan) writes each writer batch's rows
+   of a shard as a small *part* under ``staging/<tag>/<kind>/`` and reports it to the driver.
+2. When the driver has heard every row of a shard, ``merge_shard_parts`` (run as a Ray task by
+   ``pipelines.commit``) streams the parts, row group by row group, into at most
+   ``ceil(bytes / target_file_size_mb) + 1`` final files per kind.
+
+Why not one open ``ParquetWriter`` per shard in a writer actor (append row groups as blocks
+arrive)? Ray Data routes blocks to whichever actor of a pool is free; there is no shard affinity
+short of an all-to-all shuffle, which would stop the stream. Rows of one shard would still reach
+several actors and need a merge, and the actors would need a side channel to learn that a shard
+is complete. Staging parts plus one merge per shard keeps each step stateless and retryable,
+costs one extra read and write of a shard's bytes (in parallel, on the cluster, not on the
+driver), and is skipped when the parts are already large (see ``parts_need_merge``).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import uuid
 from collections import Counter
 from typing import Any
@@ -12,11 +30,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ground.layout import DATA, REJECTED, STAGING, published_name, shard_tag
 from ground.schema import IMAGE_TYPE, SHARD_DAMAGE, SHARD_MARKER, SHARD_ROWS, output_schema
-from ground.layout import DATA, REJECTED, STAGING, shard_tag
 from ground.storage import filesystem, is_local, join, retry
 
 logger = logging.getLogger(__name__)
+
+# Row groups: at most ~128 MiB of Arrow data (image bytes are already compressed, so about as
+# much on disk). Parquet's own guidance is large row groups (hundreds of MB) for scans; Spark and
+# DuckDB write ~128 MB / ~122,880 rows; pyarrow, polars and duckdb read row group by row group,
+# so this also bounds a reader's memory per column chunk.
+ROW_GROUP_TARGET_BYTES = 128 * 1024 * 1024
+# ...and at most a quarter of the target file size, so a file (closed at the first row group that
+# takes it past the target) overshoots the target by at most a quarter: 64 MiB groups and files
+# of 256-320 MiB with the default target_file_size_mb of 256.
+ROW_GROUP_FILE_FRACTION = 0.25
+# A cap for narrow rows (rejected/ without image bytes): DuckDB's default row group size.
+ROW_GROUP_MAX_ROWS = 122_880
 
 RECORD_SCHEMA = pa.schema([
     ("shard", pa.string()),
@@ -38,9 +68,10 @@ class StagingParquetWriter:
     Input: all columns; ``source_shard`` and ``reject_reason`` decide where a row goes.
     Output: one record per file written (``RECORD_SCHEMA``), consumed by the driver's
     commit loop; rows themselves never travel to the driver.
-    Files never span two shards and stay under ``target_file_size_mb``. Marker rows (a shard
-    that ended with no row to stamp, or whose read failed) are never written: each becomes a
-    record of kind ``marker`` with 0 rows.
+    Parts never span two shards and stay under ``target_file_size_mb``; the commit step merges
+    a shard's parts into few large files (``merge_shard_parts``). Marker rows (a shard that
+    ended with no row to stamp, or whose read failed) are never written: each becomes a record
+    of kind ``marker`` with 0 rows.
     Failure behaviour: storage errors are retried, then raised (systemic).
     """
 
@@ -117,14 +148,149 @@ class StagingParquetWriter:
                 self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             with self.fs.open(path, "wb") as f:
                 pq.write_table(table, f, compression=None if compression == "none" else compression,
-                               compression_level=level, row_group_size=max(1, min(table.num_rows, 1024)))
-            return self.fs.size(path)
+                               compression_level=level, row_group_size=row_group_rows(table))
+                # Bytes written so far = the file's size: no HEAD request after the upload.
+                return f.tell()
 
         size = retry(write, f"write {path}")
         reasons = Counter(rows["reject_reason"].to_pylist()) if kind == REJECTED else Counter()
         return {"shard": shard, "kind": kind, "path": path, "rows": table.num_rows, "bytes": size,
                 "reasons": json.dumps(dict(reasons)), "shard_rows": None, "shard_damage": None,
                 "shard_marker": None}
+
+
+def row_group_rows(table: pa.Table, target_bytes: int = ROW_GROUP_TARGET_BYTES,
+                   max_rows: int = ROW_GROUP_MAX_ROWS) -> int:
+    """Rows per row group so a group holds about ``target_bytes`` of ``table``'s rows (>= 1)."""
+    if table.num_rows == 0:
+        return 1
+    per_row = max(table.nbytes / table.num_rows, 1.0)
+    return max(1, min(max_rows, int(target_bytes // per_row)))
+
+
+def parts_need_merge(sizes: list[int], target_bytes: int) -> bool:
+    """True when a shard's parts of one kind should be merged rather than published as they are.
+
+    Publishing as-is is allowed when it already meets the bound, ``len(parts) <= ceil(bytes /
+    target) + 1``, and every part but one holds at least a quarter of the target (so no kind ends
+    as a pile of small files that happens to be within the bound for a tiny shard). A merge
+    rewrites every byte of the shard, so skipping it when the parts are already large is what
+    keeps big shards on busy clusters cheap (see docs/readme/scaleio.md for settings that
+    produce large parts).
+    """
+    if len(sizes) <= 1:
+        return False
+    bound = math.ceil(sum(sizes) / target_bytes) + 1
+    small = sum(1 for size in sizes if size < target_bytes * ROW_GROUP_FILE_FRACTION)
+    return len(sizes) > bound or small > 1
+
+
+def merge_shard_parts(output: dict[str, Any], tag: str, kind: str, parts: list[str],
+                      part_bytes: list[int] | None = None, row_group_bytes: int | None = None,
+                      max_group_rows: int = ROW_GROUP_MAX_ROWS, generation: int = 0) -> list[dict[str, Any]]:
+    """Stream one shard's staged parts of one kind into few final files under ``OUT/<kind>/``.
+
+    Reads the parts in the given order, one record batch at a time, gathers rows into row groups
+    of about ``row_group_bytes`` (default: ``ROW_GROUP_TARGET_BYTES`` or a quarter of the target
+    file size, whichever is smaller; at most ``max_group_rows`` rows) and appends them to the current
+    file, which is closed once it reaches ``output["target_file_size_mb"]``. Every file but the
+    last is therefore at least the target, so a kind ends with at most
+    ``ceil(bytes / target) + 1`` files; a file exceeds the target by less than one row group.
+    Memory: one staged part (at most one writer batch) plus one row group, never the shard.
+
+    Files are written straight to their final names ``<tag>-<seq>.parquet``: the ledger record
+    written after this is what makes them part of the output. The result is deterministic for
+    the same parts (names, rows and file count), so a retried merge overwrites the same names.
+
+    Args:
+        output: the run's ``output`` config (path, storage_options, target_file_size_mb,
+            compression, compression_level).
+        tag: the shard's tag (``ground.layout.shard_tag``).
+        kind: ``data`` or ``rejected``.
+        parts: staged part paths, in the order their rows should appear.
+        part_bytes: their sizes as the writer reported them (saves a HEAD per part on S3).
+        generation: > 0 when the shard is redone (``ground.layout.published_name``).
+
+    Returns:
+        One ``{"name", "rows", "bytes"}`` per file written, in order.
+
+    Raises:
+        StorageError: a read or write still failed after retries (nothing is committed then).
+    """
+    fs, root = filesystem(output["path"], output.get("storage_options") or {})
+    logger.debug("merging %d %s part(s) of %s (%d bytes staged)", len(parts), kind, tag, sum(part_bytes or []))
+    target = float(output.get("target_file_size_mb", 256)) * 1024 * 1024
+    if row_group_bytes is None:
+        row_group_bytes = int(min(ROW_GROUP_TARGET_BYTES, target * ROW_GROUP_FILE_FRACTION))
+    compression = output.get("compression", "zstd")
+    options = {"compression": None if compression == "none" else compression,
+               "compression_level": output.get("compression_level") if compression == "zstd" else None}
+    if is_local(fs):
+        fs.makedirs(join(root, kind), exist_ok=True)
+
+    def write_all() -> list[dict[str, Any]]:
+        written: list[dict[str, Any]] = []
+        state: dict[str, Any] = {"file": None, "writer": None, "rows": 0}
+        schema: pa.Schema | None = None
+        pending: list[pa.RecordBatch] = []
+        pending_rows = 0
+        pending_bytes = 0
+
+        def close_file() -> None:
+            if state["writer"] is None:
+                return
+            state["writer"].close()
+            size = state["file"].tell()
+            state["file"].close()
+            written[-1].update(rows=state["rows"], bytes=size)
+            state.update(file=None, writer=None, rows=0)
+
+        def flush_group() -> None:
+            nonlocal pending, pending_rows, pending_bytes
+            if not pending_rows:
+                return
+            if state["writer"] is None:
+                name = published_name(tag, len(written), generation)
+                state["file"] = fs.open(join(root, kind, name), "wb")
+                state["writer"] = pq.ParquetWriter(state["file"], schema, **options)
+                written.append({"name": name, "rows": 0, "bytes": 0})
+            group = pa.Table.from_batches(pending, schema=schema)
+            state["writer"].write_table(group, row_group_size=group.num_rows)
+            state["rows"] += group.num_rows
+            pending, pending_rows, pending_bytes = [], 0, 0
+            # ParquetWriter writes a row group's pages as it gets them, so the stream's position
+            # is the file's size so far (less the footer).
+            if state["file"].tell() >= target:
+                close_file()
+
+        sizes = part_bytes if part_bytes and len(part_bytes) == len(parts) else [0] * len(parts)
+        for part, size in zip(parts, sizes):
+            # One GET per part: a part is at most one writer batch (and under the target size).
+            # With its size known, no HEAD either (s3fs asks for the size of a whole-object read).
+            data = fs.cat_file(part, start=0, end=size) if size else fs.cat_file(part)
+            source = pq.ParquetFile(pa.BufferReader(data))
+            if schema is None:
+                schema = source.schema_arrow
+            for batch in source.iter_batches(batch_size=8192):
+                if batch.schema != schema:
+                    batch = pa.Table.from_batches([batch]).cast(schema).to_batches()[0]
+                offset = 0
+                while offset < batch.num_rows:
+                    per_row = max(batch.nbytes / batch.num_rows, 1.0)
+                    room_rows = min(max_group_rows - pending_rows,
+                                    max(1, int((row_group_bytes - pending_bytes) // per_row)))
+                    piece = batch.slice(offset, room_rows)
+                    pending.append(piece)
+                    pending_rows += piece.num_rows
+                    pending_bytes += int(per_row * piece.num_rows)
+                    offset += piece.num_rows
+                    if pending_rows >= max_group_rows or pending_bytes >= row_group_bytes:
+                        flush_group()
+        flush_group()
+        close_file()
+        return written
+
+    return retry(write_all, f"merge {kind} parts of {tag}")
 
 
 def _drop_image_bytes(rows: pa.Table) -> pa.Table:

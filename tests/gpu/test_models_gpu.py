@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jobs.tiny_models import build_all
 from operators.models.base import read_embeddings
 from operators.models.caption import CaptionConfig, Captioner
 from operators.models.clip import ClipConfig, ClipEmbedder
@@ -18,8 +17,8 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_all(tmp_path_factory.mktemp("models"), ["clip", "vit_gpt2", "blip"])
+def tiny(tiny_models):
+    return tiny_models
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -46,18 +45,18 @@ def test_a_real_cuda_out_of_memory_splits_the_batch(tiny):
 
     op = ClipEmbedder(ClipConfig(model=tiny["clip"], device="cuda", resources={"num_gpus": 1}))
     calls: list[int] = []
-    real = op.embed_images
+    real = op.embed_pixels
     free, _ = torch.cuda.mem_get_info()
     # One block that leaves ~64 MiB: a forward on many rows asks for more than that.
     hog = torch.empty(int(free - 64 * 2**20), dtype=torch.uint8, device="cuda")
 
-    def sized(images):
-        calls.append(len(images))
-        if len(images) > 2:  # a real allocation larger than what is left
+    def sized(pixels):
+        calls.append(len(pixels))
+        if len(pixels) > 2:  # a real allocation larger than what is left
             torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-        return real(images)
+        return real(pixels)
 
-    op.embed_images = sized
+    op.embed_pixels = sized
     try:
         out = op(make_batch(8))
     finally:

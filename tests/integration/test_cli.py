@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -13,15 +15,24 @@ import pytest
 import yaml
 
 from jobs.sample_data import make_webdataset_shards
-from tests.conftest import free_port
+from tests.conftest import TEST_KEY, TEST_SECRET, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+# Ray gives a new node a fixed 30 s to register, which a machine shared by many jobs can miss;
+# a command that fails with exactly that is run again, up to this many times in all.
+START_ATTEMPTS = 5
+
+
 def mmcurate(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, PYTHONPATH=str(REPO), RAY_DATA_DISABLE_PROGRESS_BARS="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    for _ in range(START_ATTEMPTS):
+        proc = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 or "node timed out during startup" not in proc.stderr:
+            break
+    return proc
 
 
 def _config(tmp_path: Path, **over) -> Path:
@@ -53,9 +64,10 @@ def test_plan_lists_pending_shards_and_operator_resources(tmp_path):
     plan = json.loads(proc.stdout)
     assert plan["shards_found"] == 3 and plan["shards_pending"] == 3 and plan["shards_committed"] == 0
     assert [op["name"] for op in plan["operators"]] == ["decode", "min_side"]
-    assert plan["operators"][0]["num_cpus"] == 0.5
+    assert plan["operators"][0]["num_cpus"] is None  # derived at run time from the cluster
     text = mmcurate("plan", str(_config(tmp_path)))
     assert "3 found, 0 committed, 3 pending" in text.stdout
+    assert "cpus=auto" in text.stdout
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -82,8 +94,39 @@ def test_missing_input_and_unreachable_bucket_are_one_line(tmp_path):
         "format": "webdataset", "paths": ["s3://nobucket/wds/00000.tar"],
         "storage_options": {"endpoint_url": f"http://127.0.0.1:{free_port()}",
                             "config_kwargs": {"retries": {"max_attempts": 1}}}})
-    line = _one_error_line(mmcurate("plan", str(cfg)))
+    proc = mmcurate("plan", str(cfg))
+    line = _one_error_line(proc)
+    assert proc.returncode == 2  # the README: config and storage errors exit 2
     assert "s3://nobucket/wds/00000.tar" in line and "connect" in line.lower()
+
+
+@pytest.mark.slow
+def test_an_error_inside_a_ray_task_is_one_line_exit_1_and_debug_shows_the_traceback(tmp_path, tiny_models):
+    """A model that loads but fails on every row: the run stops with exit 1 and one line."""
+    make_webdataset_shards(tmp_path / "shards", n_shards=1, samples_per_shard=4)
+    broken = tmp_path / "broken-clip"
+    shutil.copytree(tiny_models["clip"], broken)
+    proc_cfg = json.loads((broken / "processor_config.json").read_text())
+    proc_cfg["image_processor"]["image_mean"] = [0.5, 0.5]  # RGB images need three; fails in the worker
+    (broken / "processor_config.json").write_text(json.dumps(proc_cfg))
+    cfg = _config(tmp_path, input={"format": "webdataset", "paths": [str(tmp_path / "shards" / "00000.tar")]},
+                  operators=[{"decode": {}}, {"clip": {"model": str(broken), "resources": {"batch_size": 8}}}])
+
+    proc = mmcurate("run", str(cfg), "--log-level", "WARNING")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    # Workers' own warnings may be forwarded to stderr too; the failure itself is one line, last.
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("mmcurate: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line == errors[0]
+    # The worker's own error, not Ray Data's wrapper ("UserCodeException: UDF failed ...").
+    assert line.startswith("mmcurate: error: ") and "UserCodeException" not in line
+    assert "mean must have 3 elements" in line and line.endswith("(rerun with --log-level DEBUG for the traceback)")
+
+    debug = mmcurate("run", str(cfg), "--log-level", "DEBUG")
+    assert debug.returncode == 1
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == line
 
 
 @pytest.mark.slow
@@ -94,8 +137,22 @@ def test_run_against_s3_with_aws_endpoint_url_env_and_summary(s3, tmp_path):
         fs.put_file(str(p), f"{bucket}/in/{p.name}")
     cfg = _config(tmp_path, input={"format": "webdataset", "paths": [f"s3://{bucket}/in/*.tar"]},
                   output={"path": f"s3://{bucket}/out"})
-    proc = mmcurate("run", str(cfg), env={"AWS_ENDPOINT_URL": opts["endpoint_url"]})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # A Ray temp folder of its own, so the worker logs scanned below are this run's. Kept short:
+    # Ray's unix socket paths must stay under 108 bytes.
+    ray_tmp = tempfile.mkdtemp(prefix="mmr", dir="/tmp")
+    try:
+        proc = mmcurate("run", str(cfg), "--log-level", "DEBUG",
+                        env={"AWS_ENDPOINT_URL": opts["endpoint_url"], "RAY_TMPDIR": ray_tmp})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # Credentials appear in no output: the CLI's own, and every log the run's Ray wrote.
+        logs = [f for f in Path(ray_tmp).glob("ray/session_*/logs/**/*") if f.is_file()]
+        assert any(f.name.startswith("worker-") for f in logs), "no Ray worker logs found to scan"
+        assert "committed s3://" in proc.stderr  # DEBUG logging really was on
+        for name, text in [("stdout", proc.stdout), ("stderr", proc.stderr)] + [
+                (str(f), f.read_text(errors="replace")) for f in logs]:
+            assert TEST_SECRET not in text and TEST_KEY not in text, name
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert "shards: 2 found, 0 already committed, 2 committed now" in proc.stdout
     assert "rows:   18 in, 10 kept, 8 rejected" in proc.stdout
     for reason in ("decode:truncated", "decode:not_an_image", "webdataset:missing_image", "min_side:too_small"):

@@ -18,21 +18,22 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from jobs.sample_data import make_webdataset_shards
-from jobs.tiny_models import build_all, build_head
+from jobs.tiny_models import build_head
 from operators.models import loading
 from operators.models.base import read_embeddings
 from pipelines import config as config_mod
 from pipelines.runner import ResourceError, run
-from tests.helpers import install_in_hub_cache
+from tests.conftest import TEST_KEY, TEST_SECRET
+from tests.helpers import TEST_RAY, install_in_hub_cache
 
 N_SHARDS, GOOD, BAD_PER_SHARD = 2, 8, 4
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 
 
 @pytest.fixture()
-def hub_cache(tmp_path, monkeypatch):
+def hub_cache(tmp_path, monkeypatch, tiny_models):
     """Tiny CLIP and ViT-GPT2 in a local HF cache as 'tiny-org/...' (the driver sees them, workers never do)."""
-    built = build_all(tmp_path / "built", ["clip", "vit_gpt2"])
+    built = {name: tiny_models[name] for name in ("clip", "vit_gpt2")}
     install_in_hub_cache(tmp_path / "hf-hub", {f"tiny-org/tiny-{name.replace('_', '-')}": path
                                                for name, path in built.items()}, COMMIT, monkeypatch)
     return built
@@ -49,7 +50,17 @@ def rows_with_images(fs, root: str, kind: str) -> list[dict]:
     return rows, metas
 
 
-def test_models_from_prefetched_s3_copies_on_ray(ray_session, s3, tmp_path, hub_cache):
+def ray_logs_text(ray) -> str:
+    """Everything the session's Ray wrote to its log folder (driver, raylet, every worker)."""
+    from ray._private import worker
+
+    logs = Path(worker._global_node.get_session_dir_path()) / "logs"
+    files = [f for f in logs.rglob("*") if f.is_file()]
+    assert any(f.name.startswith("worker-") for f in files), f"no worker logs under {logs}"
+    return "\n".join(f.read_text(errors="replace") for f in files)
+
+
+def test_models_from_prefetched_s3_copies_on_ray(ray_session, s3, tmp_path, hub_cache, capfd):
     fs, opts, bucket = s3
     for p in make_webdataset_shards(tmp_path / "wds", n_shards=N_SHARDS, samples_per_shard=GOOD, seed=3):
         fs.put_file(str(p), f"{bucket}/wds/{p.name}")
@@ -69,7 +80,7 @@ def test_models_from_prefetched_s3_copies_on_ray(ray_session, s3, tmp_path, hub_
                          "storage_options": model_opts, "resources": {"batch_size": 8, "num_cpus": 0.25}}},
             {"aesthetic": {"weights": str(head), "storage_options": model_opts}},
         ],
-        "ray": {"no_progress_timeout_s": 120},
+        "ray": dict(TEST_RAY),
     }
     cfg_path = tmp_path / "pipeline.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
@@ -129,10 +140,16 @@ def test_models_from_prefetched_s3_copies_on_ray(ray_session, s3, tmp_path, hub_
         assert rec["source"] == {"model": "tiny-org/tiny-clip", "commit": COMMIT}
         assert rec["random_weights"] is True and models["aesthetic_score"]["random_weights"] is True
 
+    # The storage secrets every model operator carried appear in no output of the run: not
+    # in what this process printed, nor in any log the session's Ray workers wrote.
+    captured = capfd.readouterr()
+    for name, text in (("stdout", captured.out), ("stderr", captured.err), ("ray logs", ray_logs_text(ray_session))):
+        assert TEST_SECRET not in text and TEST_KEY not in text, name
 
-def test_asking_for_gpus_the_cluster_lacks_fails_at_plan_time(ray_session, tmp_path):
+
+def test_asking_for_gpus_the_cluster_lacks_fails_at_plan_time(ray_session, tmp_path, tiny_models):
     shards = make_webdataset_shards(tmp_path / "wds", n_shards=1, samples_per_shard=2, seed=4)
-    built = build_all(tmp_path / "m", ["clip"])
+    built = {"clip": tiny_models["clip"]}
     cfg = config_mod.validate({
         "name": "gpu", "input": {"format": "webdataset", "paths": [str(shards[0])]},
         "output": {"path": str(tmp_path / "out")},

@@ -1,8 +1,18 @@
-"""Exactly-once: a real `mmcurate run` subprocess SIGKILLed mid-run, then rerun, equals a clean run."""
+"""Exactly-once: real `mmcurate run` subprocesses SIGKILLed mid-run, then rerun, equal a clean run.
+
+Rows are compared as sorted lists with duplicates counted, each with the source image's
+sha256 and a digest of the stored image bytes, so a lost row, a row published twice or a
+damaged image all fail. On S3 the kills land at known points through ``tests/faultproxy.py``
+(a proxy in front of the moto server holds one request until the test has killed the run):
+between a shard's published files and its ledger record, in the middle of publishing, and
+in the middle of reading. Kill points are keyed on requests that stay stable whatever the
+publish mechanism (the ledger record PUT, any PUT under data/ or rejected/, input GETs).
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,24 +25,34 @@ import yaml
 
 from jobs.sample_data import make_webdataset_shards
 from pipelines.runner import run
-from tests.helpers import ledger_records, make_config, row_set
+from tests.conftest import TEST_KEY, TEST_SECRET
+from tests.faultproxy import FaultProxy, Rule
+from tests.helpers import ledger_records, make_config, row_list
 
-N_SHARDS = 10
 REPO = Path(__file__).resolve().parents[2]
+# Good samples per shard; jobs.sample_data adds 4 bad ones (truncated, not an image, no image, tiny).
+GOOD, BAD = 10, 4
 # Small decode batches keep shard completions apart in time (resources do not change rows).
 OPERATORS = [{"decode": {"resize_max_side": 96, "reencode_format": "png",
                          "resources": {"num_cpus": 1, "batch_size": 8}}},
              {"min_side": {"min": 32}}]
+# A killed run must not be waited on forever on a loaded machine; generous, never asserted on.
+WAIT_S = 240
+# Ray gives a new node a fixed 30 s to register, which a machine shared by many jobs can miss;
+# a run that dies of exactly that before doing anything is started again, this many times.
+START_ATTEMPTS = 5
+RAY_START_TIMEOUT = "timed out during startup"
 
 
-def _write_config(path: Path, shards: Path, out: Path) -> Path:
+def _write_config(path: Path, paths: list[str], out: str, in_opts: dict | None = None,
+                  out_opts: dict | None = None) -> Path:
     cfg = {
         "name": "resume",
         # One shard read at a time and small batches, so commits are spread over the run and
         # the kill lands between them rather than after a burst at the end.
-        "input": {"format": "webdataset", "paths": [str(shards / "*.tar")], "block_rows": 8,
-                  "read_concurrency": 1},
-        "output": {"path": str(out), "write_batch_rows": 8},
+        "input": {"format": "webdataset", "paths": paths, "block_rows": 8, "read_concurrency": 1,
+                  "storage_options": in_opts or {}},
+        "output": {"path": out, "write_batch_rows": 8, "storage_options": out_opts or {}},
         "operators": OPERATORS,
         "ray": {"num_cpus": 2, "no_progress_timeout_s": 120, "object_store_memory_mb": 300},
     }
@@ -47,54 +67,149 @@ def _start(config: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _kill_after(proc: subprocess.Popen, ledger: Path, at_least: int, timeout: float = 240) -> int:
-    """SIGKILL the run's whole process group once ``at_least`` shards are committed."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        n = len(list(ledger.glob("*.json"))) if ledger.exists() else 0
-        if n >= at_least:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return n
-        if proc.poll() is not None:
-            pytest.fail(f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail("no shard committed in time")
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the run's whole process group (driver and the Ray it started)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _finish(config: Path) -> None:
+    for attempt in range(START_ATTEMPTS):
+        final = _start(config)
+        _, err = final.communicate(timeout=WAIT_S * 2)
+        if final.returncode == 0 or RAY_START_TIMEOUT not in err.decode() or attempt == START_ATTEMPTS - 1:
+            break
+    assert final.returncode == 0, err.decode()[-2000:]
+
+
+def _start_until(config: Path, reached, what: str) -> subprocess.Popen:
+    """Start a run and return it, still running, once ``reached()`` is true (then kill it)."""
+    for attempt in range(START_ATTEMPTS):
+        proc = _start(config)
+        deadline = time.time() + WAIT_S
+        while not reached():
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode()
+                if RAY_START_TIMEOUT in err and attempt < START_ATTEMPTS - 1:
+                    break
+                pytest.fail(f"run ended before {what}: {err[-2000:]}")
+            if time.time() > deadline:
+                _kill(proc)
+                pytest.fail(f"the run never reached {what}")
+            time.sleep(0.05)
+        else:
+            return proc
+    raise AssertionError("unreachable")
+
+
+def _check_committed_output(fs, out: str, reference: list[tuple], n_shards: int) -> None:
+    """The rows equal the reference; every shard committed once; no file outside a ledger record."""
+    assert row_list(fs, out) == reference
+    records = ledger_records(fs, out)
+    assert sorted(r["shard"].rsplit("/", 1)[-1] for r in records) == [f"{i:05d}.tar" for i in range(n_shards)]
+    assert all(r["rows_in"] == r["kept"] + r["rejected"] == GOOD + BAD for r in records)
+    named = {f for r in records for kind in ("data", "rejected") for f in r["files"][kind]}
+    fs.invalidate_cache()
+    published = {p.rsplit("/", 1)[-1] for kind in ("data", "rejected")
+                 for p in (fs.find(f"{out}/{kind}") if fs.exists(f"{out}/{kind}") else [])}
+    assert published == named
+    staging = f"{out}/_mmcurate/staging"
+    assert not [p for p in (fs.find(staging) if fs.exists(staging) else []) if p.endswith(".parquet")]
+
+
+def _committed(fs, out: str) -> int:
+    return len(ledger_records(fs, out)) if fs.exists(f"{out}/_mmcurate/ledger") else 0
+
+
+def _kill_after(config: Path, ledger: Path, at_least: int) -> int:
+    """SIGKILL a run once ``at_least`` shards are committed (local disk: no proxy to hold it)."""
+    count = lambda: len(list(ledger.glob("*.json"))) if ledger.exists() else 0  # noqa: E731
+    proc = _start_until(config, lambda: count() >= at_least, f"{at_least} committed shard(s)")
+    _kill(proc)
+    return count()
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_rerun_matches_uninterrupted_run(ray_session, tmp_path):
+def test_sigkill_on_local_disk_then_rerun_matches_uninterrupted_run(ray_session, tmp_path):
+    n_shards = 6
     shards = tmp_path / "shards"
-    make_webdataset_shards(shards, n_shards=N_SHARDS, samples_per_shard=40, seed=7)
+    make_webdataset_shards(shards, n_shards=n_shards, samples_per_shard=GOOD, seed=7)
     fs = fsspec.filesystem("file")
 
-    # Reference: one uninterrupted run (in-process, on the session's Ray).
     ref_out = tmp_path / "ref"
     run(make_config([str(shards / "*.tar")], str(ref_out), operators=OPERATORS))
-    reference = row_set(fs, str(ref_out))
-    assert len(reference) == N_SHARDS * (40 + 4)
+    reference = row_list(fs, str(ref_out))
+    assert len(reference) == n_shards * (GOOD + BAD)
 
     out = tmp_path / "out"
-    config = _write_config(tmp_path / "resume.yaml", shards, out)
-    ledger = out / "_mmcurate" / "ledger"
+    config = _write_config(tmp_path / "resume.yaml", [str(shards / "*.tar")], str(out))
+    killed_at = _kill_after(config, out / "_mmcurate" / "ledger", at_least=1)
+    assert killed_at < n_shards, "the run finished before the kill; make it slower"
+    _finish(config)
+    _check_committed_output(fs, str(out), reference, n_shards)
 
-    killed_at = _kill_after(_start(config), ledger, at_least=1)
-    assert killed_at < N_SHARDS, "the run finished before the kill; make it slower"
-    # Kill the rerun too, later in the run, then let a third run finish.
-    killed_again = _kill_after(_start(config), ledger, at_least=killed_at + 1)
-    final = _start(config)
-    _, err = final.communicate(timeout=300)
-    assert final.returncode == 0, err.decode()[-2000:]
 
-    assert row_set(fs, str(out)) == reference
-    records = ledger_records(fs, str(out))
-    assert len(records) == N_SHARDS
-    assert all(r["rows_in"] == r["kept"] + r["rejected"] == 44 for r in records)
-    # No file left in staging, and no published file outside a ledger record.
-    named = {f for r in records for kind in ("data", "rejected") for f in r["files"][kind]}
-    on_disk = {p.name for kind in ("data", "rejected") for p in (out / kind).glob("*.parquet")}
-    assert on_disk == named
-    assert not list((out / "_mmcurate" / "staging").rglob("*.parquet"))
-    assert killed_at >= 1 and killed_again > killed_at
-    print(f"killed after {killed_at} and {killed_again} of {N_SHARDS} committed shards")
+def _held(config: Path, rule: Rule) -> subprocess.Popen:
+    """Start a run; return it once it has sent the request ``rule`` holds (it cannot get past it)."""
+    return _start_until(config, rule.waiting.is_set, f"a request matching {rule.method} {rule.path}")
+
+
+def _held_target(proxy: FaultProxy, rule: Rule) -> str:
+    return next(target for method, target, action in proxy.log
+                if action == "hold" and rule.matches(method, target))
+
+
+@pytest.mark.slow
+def test_sigkill_on_s3_at_ledger_publish_and_read_then_rerun_matches(ray_session, s3, s3_server, tmp_path):
+    fs, opts, bucket = s3
+    n_shards = 5
+    for p in make_webdataset_shards(tmp_path / "wds", n_shards=n_shards, samples_per_shard=GOOD, seed=11):
+        fs.put_file(str(p), f"{bucket}/in/{p.name}")
+    paths = [f"s3://{bucket}/in/*.tar"]
+
+    # Reference: one uninterrupted run straight to the moto server.
+    ref_out = f"s3://{bucket}/ref"
+    run(make_config(paths, ref_out, operators=OPERATORS, storage_options=opts))
+    reference = row_list(fs, f"{bucket}/ref")
+    assert len(reference) == n_shards * (GOOD + BAD)
+
+    proxy = FaultProxy(s3_server)
+    try:
+        via_proxy = {"endpoint_url": proxy.url, "key": TEST_KEY, "secret": TEST_SECRET}
+        out = f"{bucket}/out"
+        config = _write_config(tmp_path / "resume.yaml", paths, f"s3://{out}", via_proxy, via_proxy)
+
+        # 1. Between publish and ledger: hold the second shard's ledger record PUT.
+        rule = proxy.add_rule("hold", method="PUT", path=r"_mmcurate/ledger/[^/?]+\.json", skip=1)
+        proc = _held(config, rule)
+        tag = re.search(r"_mmcurate/ledger/([^/?]+)\.json", _held_target(proxy, rule)).group(1)
+        fs.invalidate_cache()
+        published = [p for p in fs.find(f"{out}/data") if p.rsplit("/", 1)[-1].startswith(tag)]
+        assert published, f"shard {tag}: its ledger record is being written but no data file is published"
+        _kill(proc)
+        proxy.clear()
+        assert _committed(fs, out) == 1, "the held ledger record landed although its run was killed"
+        assert not fs.exists(f"{out}/_mmcurate/ledger/{tag}.json")
+
+        # 2. Mid-publish: hold the second PUT (or server-side copy) of a file under data/ or rejected/.
+        rule = proxy.add_rule("hold", method="PUT", path=r"/(data|rejected)/[^?]*\.parquet", skip=1)
+        proc = _held(config, rule)
+        _kill(proc)
+        proxy.clear()
+
+        # 3. Mid-read: hold a ranged GET of an input shard while earlier rows are in flight.
+        rule = proxy.add_rule("hold", method="GET", path=r"/in/\d+\.tar", skip=2)
+        proc = _held(config, rule)
+        _kill(proc)
+        proxy.clear()
+        assert _committed(fs, out) < n_shards, "every shard committed before the last kill"
+
+        _finish(config)
+        _check_committed_output(fs, out, reference, n_shards)
+        # Each killed run's held request was dropped, never forwarded after its sender died.
+        assert [a for _, _, a in proxy.log].count("dropped") == 3
+    finally:
+        proxy.stop()

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from operators.filters.row_filters import MinSideConfig
+from operators.base import registry
 from operators.image.decode import DecodeConfig
 from pipelines.config import apply_overrides, config_hash, load, public_dict, redact, validate
 from ground.errors import ConfigError
@@ -219,3 +220,20 @@ def test_config_hash_follows_what_decides_the_rows():
     assert base not in hashes and len(hashes) == len(different)
     assert config_hash(load(BASIC)) == base  # stable across loads
 
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "conf" / "pipelines").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_pipeline_config_validates(path):
+    """Users copy these files: each must pass the same validation `mmcurate run` applies."""
+    cfg = load(path, [])
+    specs = cfg.operator_specs()
+    assert specs and specs[0][0] == "decode"
+    for name, op_cfg in specs:
+        assert registry.get(name).outputs(op_cfg) is not None, name
+
+
+def test_the_shipped_configs_include_the_model_pipeline():
+    assert {"basic.yaml", "demo.yaml", "models.yaml"} <= {p.name for p in SHIPPED_CONFIGS}

@@ -6,15 +6,14 @@ import shutil
 
 import pytest
 
-from jobs.tiny_models import build_all
 from operators.models.caption import CaptionConfig, Captioner
 from ground.errors import ConfigError
 from tests.unit.test_models_clip import make_batch
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_all(tmp_path_factory.mktemp("models"), ["vit_gpt2", "blip", "llava", "clip"])
+def tiny(tiny_models):
+    return tiny_models
 
 
 @pytest.mark.parametrize("kind,expected", [("vit_gpt2", "vision_encoder_decoder"), ("blip", "blip"),
@@ -66,13 +65,26 @@ def test_vlm_caption_holds_only_new_tokens_and_honours_a_prompt_template(tiny):
 
 
 def test_generation_options_reach_generate_and_sampling_is_seeded(tiny):
-    cfg = dict(model=tiny["vit_gpt2"], name="s", do_sample=True, top_k=5, seed=3, max_new_tokens=4, num_beams=1)
-    op = Captioner(CaptionConfig(**cfg))
-    assert op.generation["top_k"] == 5 and op.generation["do_sample"] and op.generation["max_new_tokens"] == 4
-    batch = make_batch(3)
-    assert op(batch)["caption_s"].to_pylist() == Captioner(CaptionConfig(**cfg))(batch)["caption_s"].to_pylist()
+    """Each sampling option changes the captions, so each one reaches ``generate()``.
+
+    With the same seed, two runs differ only in the option under test: had it been dropped on
+    the way to ``generate()``, both would sample the very same tokens.
+    """
+    batch = make_batch(4)
+
+    def captions(**options) -> list[str]:
+        cfg = CaptionConfig(model=tiny["vit_gpt2"], name="s", max_new_tokens=8, **options)
+        return Captioner(cfg)(batch)["caption_s"].to_pylist()
+
+    greedy = captions()
+    sampled = captions(do_sample=True, seed=3)
+    assert sampled == captions(do_sample=True, seed=3)  # seeded sampling repeats itself
+    assert sampled != greedy  # do_sample reached generate
+    assert captions(do_sample=True, seed=3, temperature=0.05) != sampled  # temperature did
+    assert captions(do_sample=True, seed=3, top_p=0.05) != sampled  # top_p did
+    assert captions(do_sample=True, seed=3, top_k=1) == greedy != sampled  # top_k did (1 = greedy)
     beams = Captioner(CaptionConfig(model=tiny["vit_gpt2"], name="b", num_beams=2, max_new_tokens=3))
-    assert beams.generation["num_beams"] == 2 and beams(batch)["caption_b"].null_count == 0
+    assert beams(batch)["caption_b"].null_count == 0
 
 
 def test_kind_must_be_known():

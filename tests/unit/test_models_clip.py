@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import random
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image
 from pydantic import ValidationError
 
 from jobs.sample_data import draw_image, encode
-from jobs.tiny_models import build_all
 from operators.base import registry
-from operators.image.pixels import decode_rgb
 from operators.models.base import read_embeddings
 from operators.models.clip import ClipConfig, ClipEmbedder
 from ground.schema import IMAGE_TYPE
@@ -22,8 +22,15 @@ from ground.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_all(tmp_path_factory.mktemp("models"), ["clip", "siglip"])
+def tiny(tiny_models):
+    return tiny_models
+
+
+# How each model family's text tower must be fed, from the model docs, not from our code:
+# CLIP pools the end-of-text token, so padding to the longest caption is fine; SigLIP pools
+# the last position and "was trained with padding='max_length'" (HF SigLIP model docs), so
+# its captions must be padded to the full length.
+PADDING = {"clip": True, "siglip": "max_length"}
 
 
 def make_batch(n: int = 6, texts: list | None = None, reasons: list | None = None, junk: tuple = ()) -> pa.Table:
@@ -41,33 +48,96 @@ def make_batch(n: int = 6, texts: list | None = None, reasons: list | None = Non
     })
 
 
-def bare_forward(path: str, batch: pa.Table, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """The same model called directly, the way its model card shows (normalised float32)."""
+def awkward_images() -> tuple[list[bytes], list[np.ndarray]]:
+    """Images whose decode needs care, and what a viewer sees, worked out by hand with numpy.
+
+    * a JPEG with EXIF orientation 6 (raw pixels 56x40): viewers rotate it 90 degrees clockwise;
+    * an RGBA PNG whose left half is half-transparent: viewers show it over white;
+    * a palette PNG: viewers show the palette colours.
+    """
+    rng = random.Random(3)
+    datas, upright = [], []
+
+    # Strongly lopsided pixels (dark top rows, bright bottom rows), so a missed rotation moves
+    # the embedding far even through a tiny random model.
+    raw_arr = np.asarray(draw_image(rng, (56, 40))[0]).copy()
+    raw_arr[:14] = (raw_arr[:14] * 0.2).astype(np.uint8)
+    raw_arr[26:] = 255 - (255 - raw_arr[26:]) // 5
+    raw = Image.fromarray(raw_arr)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    jpeg = encode(raw, "JPEG", exif=exif.tobytes(), quality=95)
+    datas.append(jpeg)
+    with Image.open(io.BytesIO(jpeg)) as im:  # the stored (lossy) pixels, before any orientation
+        raw_pixels = np.asarray(im.convert("RGB"))
+    upright.append(np.rot90(raw_pixels, k=-1).copy())  # k=-1: clockwise
+
+    rgba = np.dstack([np.asarray(draw_image(rng, (48, 44))[0]), np.full((44, 48), 255, np.uint8)])
+    rgba[:, :24, 3] = 128
+    datas.append(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    alpha = rgba[..., 3:4].astype(np.float64) / 255.0
+    upright.append(np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8))
+
+    pal = draw_image(rng, (40, 40))[0].convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    datas.append(encode(pal, "PNG"))
+    palette = np.asarray(pal.getpalette()[:3 * 256], dtype=np.uint8).reshape(-1, 3)
+    upright.append(palette[np.asarray(pal)])
+    return datas, upright
+
+
+def make_awkward_batch() -> tuple[pa.Table, list[np.ndarray]]:
+    datas, upright = awkward_images()
+    captions = ["a photo held upright", "a logo", "an icon with a few colours"]
+    return pa.table({
+        "key": [f"a{i}" for i in range(len(datas))],
+        "image": pa.array([{"bytes": d, "path": f"a{i}"} for i, d in enumerate(datas)], type=IMAGE_TYPE),
+        "text": captions,
+        "reject_reason": pa.array([None] * len(datas), type=pa.string()),
+    }), upright
+
+
+def bare_forward(path: str, kind: str, pixels: list[np.ndarray], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The same model called directly, the way its model card shows (normalised float32).
+
+    ``pixels`` are upright 8-bit RGB arrays decoded by the test itself, so nothing here goes
+    through the operator's own decode or padding choice.
+    """
     import torch
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     model = AutoModel.from_pretrained(path).eval()
     proc, tok = AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    imgs = [decode_rgb(batch["image"][i].as_py()["bytes"]) for i in rows]
-    pad = "max_length" if model.config.model_type == "siglip" else True
-    enc = tok([batch["text"][i].as_py() for i in rows], padding=pad, truncation=True,
+    enc = tok(texts, padding=PADDING[kind], truncation=True,
               max_length=model.config.text_config.max_position_embeddings, return_tensors="pt")
     with torch.inference_mode():
-        im = model.get_image_features(pixel_values=proc(images=imgs, return_tensors="pt")["pixel_values"])
+        im = model.get_image_features(pixel_values=proc(images=pixels, return_tensors="pt")["pixel_values"])
         tx = model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     im, tx = getattr(im, "pooler_output", im), getattr(tx, "pooler_output", tx)
     return (torch.nn.functional.normalize(im, dim=-1).numpy(), torch.nn.functional.normalize(tx, dim=-1).numpy())
 
 
+def hand_decoded(batch: pa.Table) -> list[np.ndarray]:
+    """Plain RGB JPEGs/PNGs (no orientation, no alpha) decoded with PIL alone."""
+    out = []
+    for cell in batch["image"].to_pylist():
+        with Image.open(io.BytesIO(cell["bytes"])) as im:
+            assert im.mode == "RGB" and not im.getexif().get(0x0112)
+            out.append(np.asarray(im))
+    return out
+
+
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_embeddings_match_a_bare_forward_after_float16_storage(tiny, kind):
-    batch = make_batch()
+    # Captions of different lengths, all shorter than the text tower, so how they are padded
+    # shows in the embeddings (test_long_captions_are_truncated_not_rejected covers long ones).
+    batch = make_batch(texts=["a cat", "a dog running on the beach", "a bowl of fruit on a wooden table",
+                              "two people", "the quick brown fox", "a red chair"])
     out = ClipEmbedder(ClipConfig(model=tiny[kind], prefix=kind))(batch)
     img, valid = read_embeddings(out[f"{kind}_image_embedding"])
     txt, _ = read_embeddings(out[f"{kind}_text_embedding"])
     assert valid.all()
     assert out.schema.field(f"{kind}_image_embedding").type.value_type == pa.float16()
-    ref_img, ref_txt = bare_forward(tiny[kind], batch, list(range(batch.num_rows)))
+    ref_img, ref_txt = bare_forward(tiny[kind], kind, hand_decoded(batch), batch["text"].to_pylist())
     cos = lambda a, b: (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)  # noqa: E731
     assert cos(img, ref_img).min() >= 0.999
     assert cos(txt, ref_txt).min() >= 0.999
@@ -75,6 +145,19 @@ def test_embeddings_match_a_bare_forward_after_float16_storage(tiny, kind):
     score = np.array(out[f"{kind}_score"].to_pylist())
     np.testing.assert_allclose(score, (ref_img * ref_txt).sum(-1), atol=1e-4)
     assert out["text"].to_pylist() == batch["text"].to_pylist()
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_rotated_transparent_and_palette_images_are_embedded_as_viewers_see_them(tiny, kind):
+    batch, upright = make_awkward_batch()
+    out = ClipEmbedder(ClipConfig(model=tiny[kind], prefix=kind))(batch)
+    img, valid = read_embeddings(out[f"{kind}_image_embedding"])
+    txt, _ = read_embeddings(out[f"{kind}_text_embedding"])
+    assert valid.all()
+    ref_img, ref_txt = bare_forward(tiny[kind], kind, upright, batch["text"].to_pylist())
+    cos = (img * ref_img).sum(-1) / np.linalg.norm(img, axis=-1)
+    assert cos.min() >= 0.999, cos
+    assert ((txt * ref_txt).sum(-1) / np.linalg.norm(txt, axis=-1)).min() >= 0.999
 
 
 def test_rejected_rows_get_no_work_and_null_outputs(tiny):

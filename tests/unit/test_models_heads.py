@@ -17,12 +17,23 @@ DIM = 24
 
 
 def embedding_batch(n: int = 5, nulls: tuple = (), reasons: list | None = None) -> tuple[pa.Table, np.ndarray]:
+    """A batch of embeddings whose norms are far from 1 (0.5 to 8), and the vectors as stored.
+
+    Norms that are not 1 make the head's own L2 normalisation matter: a head that skipped it
+    would score these rows differently from the references below, which normalise by hand.
+    """
     rng = np.random.default_rng(0)
     vecs = rng.normal(size=(n, DIM)).astype(np.float32)
-    vecs /= np.linalg.norm(vecs, axis=-1, keepdims=True)
+    vecs *= (rng.uniform(0.5, 8.0, size=(n, 1)) / np.linalg.norm(vecs, axis=-1, keepdims=True)).astype(np.float32)
     col = embedding_array(n, {i: vecs[i] for i in range(n) if i not in nulls}, DIM)
+    stored = vecs.astype(np.float16).astype(np.float32)
     return pa.table({"key": [str(i) for i in range(n)], "clip_image_embedding": col,
-                     "reject_reason": pa.array(reasons or [None] * n, type=pa.string())}), vecs
+                     "reject_reason": pa.array(reasons or [None] * n, type=pa.string())}), stored
+
+
+def unit(vecs: np.ndarray) -> torch.Tensor:
+    """The reference's own L2 normalisation (numpy, not the code under test)."""
+    return torch.from_numpy(vecs / np.sqrt((vecs.astype(np.float64) ** 2).sum(-1, keepdims=True)).astype(np.float32))
 
 
 def laion_reference(path, dim: int) -> torch.nn.Module:
@@ -50,9 +61,13 @@ def test_aesthetic_matches_the_laion_module_on_normalised_embeddings(tmp_path):
     batch, vecs = embedding_batch()
     out = AestheticHead(AestheticConfig(weights=str(path)))(batch)
     with torch.no_grad():
-        ref = laion_reference(path, DIM)(torch.from_numpy(vecs.astype(np.float16).astype(np.float32))).numpy()[:, 0]
+        ref = laion_reference(path, DIM)(unit(vecs)).numpy()[:, 0]
+        raw = laion_reference(path, DIM)(torch.from_numpy(vecs)).numpy()[:, 0]
     np.testing.assert_allclose(np.array(out["aesthetic_score"].to_pylist()), ref, rtol=2e-3, atol=2e-3)
     assert out.schema.field("aesthetic_score").type == pa.float32()
+    # normalize_input: false scores the stored vectors as they are.
+    unnormalised = AestheticHead(AestheticConfig(weights=str(path), normalize_input=False))(batch)
+    np.testing.assert_allclose(np.array(unnormalised["aesthetic_score"].to_pylist()), raw, rtol=2e-3, atol=2e-3)
 
 
 def test_rejected_rows_and_null_embeddings_score_null(tmp_path):
@@ -78,7 +93,7 @@ def test_generic_mlp_head_with_relu_and_softmax_unit(tmp_path):
                      output_index=2)
     out = EmbeddingHead(cfg)(batch)
     with torch.no_grad():
-        want = torch.softmax(ref(torch.from_numpy(vecs)), -1)[:, 2].numpy()
+        want = torch.softmax(ref(unit(vecs)), -1)[:, 2].numpy()
     np.testing.assert_allclose(out["nsfw_score"].to_pylist(), want, atol=2e-3)
     assert EmbeddingHead.outputs(cfg) == ("nsfw_score",)
     prov = EmbeddingHead.provenance(cfg)["nsfw_score"]
@@ -94,7 +109,7 @@ def test_linear_head_with_sigmoid_on_another_column(tmp_path):
     out = EmbeddingHead(HeadConfig(weights=str(path), output="watermark_score", embedding_column="siglip_image_embedding",
                                    output_activation="sigmoid"))(batch)
     with torch.no_grad():
-        want = torch.sigmoid(lin(torch.from_numpy(vecs)))[:, 0].numpy()
+        want = torch.sigmoid(lin(unit(vecs)))[:, 0].numpy()
     np.testing.assert_allclose(out["watermark_score"].to_pylist(), want, atol=2e-3)
 
 

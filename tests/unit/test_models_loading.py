@@ -4,27 +4,44 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
 import pytest
-
-from tests.helpers import install_in_hub_cache
 import yaml
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.tiny_models import build_all, build_head
+from jobs.tiny_models import build_head
 from operators.models import loading
 from operators.models.clip import ClipConfig, ClipEmbedder
+from tests.helpers import RecordingHub, install_in_hub_cache, layout_hub_cache
 from tests.unit.test_models_clip import make_batch
+
+REPO = Path(__file__).resolve().parents[2]
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_all(tmp_path_factory.mktemp("models"), ["clip"])
+def tiny(tiny_models):
+    return tiny_models
+
+
+@pytest.fixture()
+def recording_hub():
+    hub = RecordingHub()
+    yield hub
+    hub.stop()
+
+
+def python(code: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """Run Python in a fresh process (huggingface_hub reads HF_* once, at import)."""
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), **env})
 
 
 @pytest.fixture()
@@ -77,12 +94,27 @@ def test_a_new_prefetch_to_the_same_url_is_staged_again(tiny, model_cache):
     assert loading.stage(url) != first
 
 
-def test_hub_id_provenance_comes_from_the_local_cache_only(hub_cache, tiny):
-    rec = loading.model_provenance("tiny-org/tiny-clip")
+PROVENANCE = """
+import json, sys
+from operators.models.loading import model_provenance
+print(json.dumps([model_provenance("tiny-org/tiny-clip"), model_provenance("tiny-org/not-cached", "v2")]))
+"""
+
+
+def test_hub_id_provenance_comes_from_the_local_cache_only(tmp_path, tiny, recording_hub):
+    """Online, with a hub that records every request: digests come from the cache, nothing is fetched."""
+    layout_hub_cache(tmp_path / "hf-hub", {"tiny-org/tiny-clip": tiny["clip"]}, COMMIT)
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": recording_hub.url, "HF_HUB_CACHE": str(tmp_path / "hf-hub")}
+    proc = python(PROVENANCE, env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec, missing = json.loads(proc.stdout.strip().splitlines()[-1])
     digest = hashlib.sha256(Path(tiny["clip"], "model.safetensors").read_bytes()).hexdigest()
     assert rec["weights_sha256"] == {"model.safetensors": digest} and rec["commit"] == COMMIT
-    missing = loading.model_provenance("tiny-org/not-cached", "v2")
     assert missing["weights_sha256"] is None and missing["revision"] == "v2"
+    assert recording_hub.requests == []
+    # The same settings do reach the hub when something fetches (so the check above can fail).
+    fetch = python("from huggingface_hub import snapshot_download as s; s('tiny-org/not-cached')", env)
+    assert fetch.returncode != 0 and recording_hub.requests
 
 
 def test_prefetch_copies_models_and_heads_with_a_manifest_and_rewrites_the_config(tmp_path, hub_cache, model_cache,
@@ -110,10 +142,17 @@ def test_prefetch_copies_models_and_heads_with_a_manifest_and_rewrites_the_confi
     assert out["clip_score"].null_count == 0
 
 
-def test_prefetch_of_an_uncached_hub_model_offline_is_one_clear_line(tmp_path, hub_cache):
+@pytest.mark.parametrize("offline", [True, False])
+def test_prefetch_of_an_uncached_hub_model_is_one_clear_line_and_exit_2(tmp_path, recording_hub, offline):
     cfg = {"name": "m", "input": {"format": "webdataset", "paths": ["x/*.tar"]}, "output": {"path": "out"},
            "operators": [{"clip": {"model": "tiny-org/absent"}}]}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
-    res = CliRunner().invoke(app, ["models", "prefetch", str(tmp_path / "p.yaml"), "--to", str(tmp_path / "m")])
-    assert res.exit_code != 0
-    assert "cannot fetch tiny-org/absent@main from the hub" in str(res.exception)
+    env = {"HF_HUB_OFFLINE": "1" if offline else "0", "HF_ENDPOINT": recording_hub.url,
+           "HF_HUB_CACHE": str(tmp_path / "hf-hub")}
+    proc = python("from jobs.cli import main; main()", env, "models", "prefetch", str(tmp_path / "p.yaml"),
+                  "--to", str(tmp_path / "m"))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[0].startswith("mmcurate: error: cannot fetch tiny-org/absent@main from the hub")
+    assert bool(recording_hub.requests) is not offline  # online it asked the hub, offline it did not

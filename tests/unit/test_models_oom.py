@@ -11,7 +11,6 @@ import logging
 import numpy as np
 import pytest
 
-from jobs.tiny_models import build_all
 from operators.models.base import read_embeddings
 from operators.models.caption import CaptionConfig, Captioner
 from operators.models.clip import ClipConfig, ClipEmbedder
@@ -19,8 +18,8 @@ from tests.unit.test_models_clip import make_batch
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_all(tmp_path_factory.mktemp("models"), ["clip", "vit_gpt2"])
+def tiny(tiny_models):
+    return tiny_models
 
 
 def test_oom_splits_the_batch_and_keeps_every_result(tiny, caplog):

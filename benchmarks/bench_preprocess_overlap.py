@@ -1,0 +1,80 @@
+"""Does the model actor keep every core decoding? (issue 8 item 2), on CPU.
+
+A script, not a test. The model is a one-layer CLIP at ViT-B/32 input geometry (224 px, random
+weights): its forward costs almost nothing, so the pipeline's rows/s is what decode +
+preprocessing inside the actor deliver. It prints:
+
+* the bare decode+preprocess rate of one core: one thread, Pillow decode + the CLIP image
+  processor per image, in this process;
+* the pipeline (``mmcurate run``, ``operators: [clip]``, defaults) end to end, and in steady
+  state from a 1-shard and an N-shard run;
+* the ratio of the steady-state pipeline rate to ``cores x`` the per-core rate (target >= 0.8).
+
+    python benchmarks/bench_preprocess_overlap.py                      # 8 shards x 256 rows
+    python benchmarks/bench_preprocess_overlap.py --shards 2 --per-shard 32   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from common import make_shards, pipeline_cmd, timed_run
+
+
+def per_core_rate(model: Path, shard: Path, limit: int = 256) -> float:
+    """Rows/s of decode + CLIP image processor on one thread (what one prepare thread does)."""
+    import torch
+    from transformers import AutoImageProcessor
+
+    from operators.image.pixels import decode_rgb
+    from operators.models.base import processor_backend
+
+    torch.set_num_threads(1)
+    proc = AutoImageProcessor.from_pretrained(model, backend=processor_backend())
+    with tarfile.open(shard) as tar:
+        blobs = [tar.extractfile(m).read() for m in tar if m.isfile() and m.name.endswith((".jpg", ".png"))][:limit]
+    proc(images=[decode_rgb(blobs[0])], return_tensors="np")  # warm-up
+    started = time.perf_counter()
+    for data in blobs:
+        proc(images=[decode_rgb(data, proc.size)], return_tensors="np")
+    return len(blobs) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--per-shard", type=int, default=256)
+    ap.add_argument("--cores", type=int, default=os.cpu_count())
+    ap.add_argument("--work", type=Path, default=None)
+    args = ap.parse_args()
+
+    from jobs.tiny_models import build_clip_geometry
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_overlap_"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "clip_b32_1layer"
+    if not (model / "config.json").exists():
+        build_clip_geometry(model, "b32", layers=1)
+    shards = make_shards(work / "shards", args.shards, args.per_shard)
+    rows = args.shards * args.per_shard
+
+    core = per_core_rate(model, shards[0])
+    print(f"bare decode+preprocess, one core: {core:.1f} rows/s; x {args.cores} cores = {core * args.cores:.1f}")
+    t1 = timed_run(pipeline_cmd(work, "overlap1", shards[:1], str(model), ["clip"]))
+    tn = timed_run(pipeline_cmd(work, "overlapN", shards, str(model), ["clip"]))
+    print(f"pipeline end to end: {rows} rows in {tn:.1f}s = {rows / tn:.1f} rows/s (1 shard: {t1:.1f}s)")
+    if tn > t1:
+        steady = (rows - args.per_shard) / (tn - t1)
+        print(f"pipeline steady state: {steady:.1f} rows/s; ratio to cores x per-core rate "
+              f"{steady / (core * args.cores):.3f} (target >= 0.8)")
+    else:
+        print("steady state: not measurable at this size")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Caption operators: language id, caption quality filter, sentence embeddings."""

@@ -1,0 +1,72 @@
+"""Resource defaults derived from the node (issue 8 item 1), resolved without Ray.
+
+``resolve_resources`` is what the driver calls with the connected cluster's node shape; these
+tests hand it node shapes directly. What a user would notice: a CPU model that gets one torch
+thread on a 2-core box, a plan that asks for more CPUs than a node has (it never schedules), or
+an explicit setting that is ignored.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.plan import NodeShape, light_share, operator_steps, resolve_resources
+from tests.helpers import make_config
+
+DECODE_CLIP = [{"decode": {}}, {"clip": {"model": "/models/clip"}}]
+DEMO_LIKE = [{"decode": {}}, {"min_side": {"min": 32}}, {"clip": {"model": "/m/clip"}},
+             {"caption": {"model": "/m/vit_gpt2", "name": "vitgpt2"}},
+             {"aesthetic": {"weights": "/m/head.safetensors"}}]
+
+
+def steps_for(tmp_path, operators):
+    return operator_steps(make_config([str(tmp_path / "*.tar")], str(tmp_path / "out"), operators=operators))
+
+
+def by_name(steps):
+    return {s.name: s for s in steps}
+
+
+def test_a_cpu_model_gets_most_of_a_two_core_node_and_two_torch_threads(tmp_path):
+    steps = by_name(resolve_resources(steps_for(tmp_path, DECODE_CLIP), NodeShape(cpus=2)))
+    clip = steps["clip"]
+    assert clip.resources.num_cpus == 1.5
+    # the actor sizes torch from the resolved value it receives in its config
+    assert clip.config.resources.num_cpus == 1.5 and round(clip.config.resources.num_cpus) == 2
+    # and every light stage (read, decode, write) still fits next to it
+    assert clip.resources.num_cpus + 3 * light_share(NodeShape(cpus=2)) <= 2
+    assert steps["decode"].resources.num_cpus == light_share(NodeShape(cpus=2))
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 4, 16, 96])
+def test_model_actors_together_never_take_the_whole_node(tmp_path, cpus):
+    node = NodeShape(cpus=cpus)
+    steps = resolve_resources(steps_for(tmp_path, DEMO_LIKE), node)
+    heavy = [s.resources.num_cpus for s in steps if s.cls.heavy]
+    assert len(heavy) == 2 and heavy[0] == heavy[1]
+    # two 1-CPU actors on 2 cores starve the readers: some CPU always stays for read + decode
+    assert sum(heavy) + light_share(node) <= max(cpus, 1)
+    assert all(s.resources.num_cpus > 0 for s in steps)
+
+
+def test_explicit_settings_always_win(tmp_path):
+    ops = [{"decode": {"resources": {"num_cpus": 1}}},
+           {"clip": {"model": "/m/clip", "cpu_threads": 3, "resources": {"num_cpus": 0.5}}}]
+    steps = by_name(resolve_resources(steps_for(tmp_path, ops), NodeShape(cpus=16)))
+    assert steps["decode"].resources.num_cpus == 1
+    assert steps["clip"].resources.num_cpus == 0.5
+    assert steps["clip"].config.cpu_threads == 3
+
+
+def test_a_gpu_actor_reserves_the_cpus_that_come_with_its_gpu_share(tmp_path):
+    ops = [{"decode": {}}, {"clip": {"model": "/m/clip", "resources": {"num_gpus": 0.5, "max_actors": 4}}}]
+    # an H200 node of this project: 16 cores, one GPU
+    steps = by_name(resolve_resources(steps_for(tmp_path, ops), NodeShape(cpus=16, cpus_per_gpu=16)))
+    assert steps["clip"].resources.num_cpus == 6  # 0.75 of the 8 CPUs that come with half a GPU
+    assert steps["decode"].resources.num_cpus == 1
+
+
+def test_the_plan_shows_unset_cpus_as_derived(tmp_path):
+    described = [s.resources.num_cpus for s in steps_for(tmp_path, DECODE_CLIP)]
+    # nothing is decided from the machine that builds the plan
+    assert described == [None, None]
