@@ -64,17 +64,6 @@ def light_share(node: NodeShape) -> float:
     return min(1.0, max(LIGHT_SHARE_MIN, headroom(node) / 4))
 
 
-def resolved_steps_and_write_share(steps: list[OperatorStep]) -> tuple[list[OperatorStep], float]:
-    """The steps with the resources a run on the connected cluster gave them, and the writer's CPU
-    share; unresolved (declared) values when Ray is not running (a run with nothing pending)."""
-    import ray
-
-    if not ray.is_initialized():
-        return steps, LIGHT_SHARE_MIN
-    node = cluster_node_shape()
-    return resolve_resources(steps, node), light_share(node)
-
-
 def resolve_resources(steps: list[OperatorStep], node: NodeShape) -> list[OperatorStep]:
     """Fill every unset ``num_cpus`` from ``node``; explicit values are kept as they are.
 

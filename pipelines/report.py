@@ -35,7 +35,7 @@ from ground.storage import join, to_url
 from operators.base import REJECT_REASON, Resources
 from pipelines import stats as stats_mod
 from pipelines.ledger import Ledger
-from pipelines.plan import operator_steps, resolved_steps_and_write_share
+from pipelines.plan import cluster_node_shape, light_share, operator_steps, resolve_resources
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +90,9 @@ def write_run_artifacts(cfg, run_id: str, stats: dict[str, Any]) -> dict[str, An
         The stats written to ``stats.json``.
     """
     try:
-        steps, write_cpus = resolved_steps_and_write_share(operator_steps(cfg))
-        stats.update(stats_mod.collect(run_id, steps, int(stats.get("rows_in") or 0),
-                                       Resources(num_cpus=write_cpus), wait=stats.get("status") != "error"))
+        steps, writer = _run_resources(cfg)
+        stats.update(stats_mod.collect(run_id, steps, int(stats.get("rows_in") or 0), writer,
+                                       wait=stats.get("status") != "error"))
     except Exception as exc:  # noqa: BLE001 - counters are a view; the summary must still be written
         logger.warning("run %s: operator counters not collected (%s)", run_id, exc, exc_info=True)
     ledger = Ledger(cfg.output.path, cfg.output.storage_options)
@@ -115,6 +115,19 @@ def write_run_artifacts(cfg, run_id: str, stats: dict[str, Any]) -> dict[str, An
             logger.warning("run %s: report.html not written (%s); rebuild it with `mmcurate report`",
                            run_id, exc, exc_info=True)
     return stats
+
+
+def _run_resources(cfg) -> tuple[list, Resources | None]:
+    """The operator steps with the resources the run gave them (resolved for the connected cluster's
+    node shape, as ``build_dataset`` does), and the writer's; unresolved when Ray is not up."""
+    import sys
+
+    steps = operator_steps(cfg)
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return steps, None
+    node = cluster_node_shape()
+    return resolve_resources(steps, node), Resources(num_cpus=light_share(node))
 
 
 def _ls(ledger: Ledger, *parts: str) -> list[str]:
