@@ -40,6 +40,9 @@ WAIT_S = 240
 # Ray gives a new node a fixed 30 s to register, which a machine shared by many jobs can miss;
 # a run that dies of exactly that before doing anything is started again, this many times.
 START_ATTEMPTS = 5
+# Five `mmcurate run` processes each start their own Ray; on a loaded 2-core machine that
+# passes the suite's default 600 s timeout (pyproject.toml), so these tests get more.
+RUN_TIMEOUT_S = 1800
 RAY_START_TIMEOUT = "timed out during startup"
 
 
@@ -132,6 +135,7 @@ def _kill_after(config: Path, ledger: Path, at_least: int) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S)
 def test_sigkill_on_local_disk_then_rerun_matches_uninterrupted_run(tmp_path):
     n_shards = 6
     shards = tmp_path / "shards"
@@ -163,6 +167,7 @@ def _held_target(proxy: FaultProxy, rule: Rule) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S)
 def test_sigkill_on_s3_at_ledger_publish_and_read_then_rerun_matches(s3, s3_server, tmp_path):
     fs, opts, bucket = s3
     n_shards = 5
