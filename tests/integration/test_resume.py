@@ -24,10 +24,9 @@ import pytest
 import yaml
 
 from jobs.sample_data import make_webdataset_shards
-from pipelines.runner import run
 from tests.conftest import TEST_KEY, TEST_SECRET
 from tests.faultproxy import FaultProxy, Rule
-from tests.helpers import ledger_records, make_config, row_list
+from tests.helpers import ledger_records, row_list
 
 REPO = Path(__file__).resolve().parents[2]
 # Good samples per shard; jobs.sample_data adds 4 bad ones (truncated, not an image, no image, tiny).
@@ -41,6 +40,9 @@ WAIT_S = 240
 # Ray gives a new node a fixed 30 s to register, which a machine shared by many jobs can miss;
 # a run that dies of exactly that before doing anything is started again, this many times.
 START_ATTEMPTS = 5
+# Five `mmcurate run` processes each start their own Ray; on a loaded 2-core machine that
+# passes the suite's default 600 s timeout (pyproject.toml), so these tests get more.
+RUN_TIMEOUT_S = 1800
 RAY_START_TIMEOUT = "timed out during startup"
 
 
@@ -133,14 +135,16 @@ def _kill_after(config: Path, ledger: Path, at_least: int) -> int:
 
 
 @pytest.mark.slow
-def test_sigkill_on_local_disk_then_rerun_matches_uninterrupted_run(ray_session, tmp_path):
+@pytest.mark.timeout(RUN_TIMEOUT_S)
+def test_sigkill_on_local_disk_then_rerun_matches_uninterrupted_run(tmp_path):
     n_shards = 6
     shards = tmp_path / "shards"
     make_webdataset_shards(shards, n_shards=n_shards, samples_per_shard=GOOD, seed=7)
     fs = fsspec.filesystem("file")
 
+    # Reference: one uninterrupted run of the same command.
     ref_out = tmp_path / "ref"
-    run(make_config([str(shards / "*.tar")], str(ref_out), operators=OPERATORS))
+    _finish(_write_config(tmp_path / "ref.yaml", [str(shards / "*.tar")], str(ref_out)))
     reference = row_list(fs, str(ref_out))
     assert len(reference) == n_shards * (GOOD + BAD)
 
@@ -163,16 +167,16 @@ def _held_target(proxy: FaultProxy, rule: Rule) -> str:
 
 
 @pytest.mark.slow
-def test_sigkill_on_s3_at_ledger_publish_and_read_then_rerun_matches(ray_session, s3, s3_server, tmp_path):
+@pytest.mark.timeout(RUN_TIMEOUT_S)
+def test_sigkill_on_s3_at_ledger_publish_and_read_then_rerun_matches(s3, s3_server, tmp_path):
     fs, opts, bucket = s3
     n_shards = 5
     for p in make_webdataset_shards(tmp_path / "wds", n_shards=n_shards, samples_per_shard=GOOD, seed=11):
         fs.put_file(str(p), f"{bucket}/in/{p.name}")
     paths = [f"s3://{bucket}/in/*.tar"]
 
-    # Reference: one uninterrupted run straight to the moto server.
-    ref_out = f"s3://{bucket}/ref"
-    run(make_config(paths, ref_out, operators=OPERATORS, storage_options=opts))
+    # Reference: one uninterrupted run of the same command, straight to the moto server.
+    _finish(_write_config(tmp_path / "ref.yaml", paths, f"s3://{bucket}/ref", opts, opts))
     reference = row_list(fs, f"{bucket}/ref")
     assert len(reference) == n_shards * (GOOD + BAD)
 
