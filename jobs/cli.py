@@ -41,7 +41,7 @@ COMMAND_MODULES = (
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def print_summary(summary) -> None:
+def print_summary(summary, output: str | None = None) -> None:
     d = summary.to_dict()
     typer.echo("")
     typer.echo(f"run {d['run_id']}  pipeline={d['pipeline']}  config={d['config_hash']}")
@@ -63,6 +63,11 @@ def print_summary(summary) -> None:
         typer.echo(f"failed shard {shard}: {why}")
     for shard, why in d["quarantined_shards"].items():
         typer.echo(f"quarantined shard {shard}: {why}")
+    if output:
+        from ground.layout import RUNS
+        from ground.storage import join
+
+        typer.echo(f"report: {join(output, RUNS, d['run_id'], 'report.html')}")
 
 
 @app.command()
@@ -84,7 +89,7 @@ def run(config: Path = typer.Argument(..., help="pipeline YAML"),
 
     cfg = config_mod.load(config, set_ or [])
     summary = run_pipeline(cfg, break_lock=break_lock, retry_quarantined=retry_quarantined)
-    print_summary(summary)
+    print_summary(summary, cfg.output.path)
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
 
@@ -128,7 +133,7 @@ def demo(output: Path = typer.Option(Path("mmcurate-demo"), "--output", help="fo
     from jobs.demo import run_demo
 
     summary, out = run_demo(output, shards=shards, samples=samples)
-    print_summary(summary)
+    print_summary(summary, str(out))
     typer.echo(f"\nenriched Parquet: {out}/data   rejects: {out}/rejected   ledger: {out}/_mmcurate/ledger")
 
 

@@ -136,9 +136,13 @@ def init_ray(cfg: PipelineConfig) -> None:
             import ground
             import operators
             import pipelines
-            # Workers run operators, the datasource and the writer; the CLI (jobs) stays here.
             kwargs["address"] = address
-            kwargs["runtime_env"] = {"py_modules": [ground, operators, pipelines]}
+            if cfg.ray.address:
+                # A driver outside the cluster ships the code workers run (operators, the
+                # datasource, the writer; the CLI stays here). Inside a submitted Ray job
+                # (RAY_ADDRESS set by Ray) the job's runtime_env already carries it, and Ray
+                # refuses a second py_modules on top of the job's.
+                kwargs["runtime_env"] = {"py_modules": [ground, operators, pipelines]}
             _connect(address, kwargs, cfg.ray.connect_timeout_s)
         else:
             kwargs["address"] = "local"  # never the cluster named in Ray's address file
