@@ -63,6 +63,10 @@ def run(config: Path = typer.Argument(..., help="pipeline YAML"),
     cfg = config_mod.load(config, set_ or [])
     summary = run_pipeline(cfg)
     print_summary(summary)
+    if cfg.select is not None:  # phase 2 named in the same config: select right after annotating
+        from jobs.curate import run_after_annotate
+
+        run_after_annotate(cfg)
 
 
 @app.command()

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from operators.base import registry
 from ground.errors import ConfigError
+from pipelines.select.config import SelectConfig
 
 # Keys inside storage_options whose values never leave the driver in clear text.
 SECRET_KEYS = ("key", "secret", "token", "password", "session_token", "aws_access_key_id",
@@ -87,6 +88,7 @@ class PipelineConfig(StrictModel):
     output: OutputConfig
     operators: list[dict[str, Any]] = Field(default_factory=list)
     ray: RayConfig = Field(default_factory=RayConfig)
+    select: SelectConfig | None = Field(None, description="phase 2, run after this pipeline (docs/readme/select.md)")
 
     @model_validator(mode="after")
     def _validate_operators(self) -> "PipelineConfig":
@@ -260,6 +262,7 @@ def config_hash(cfg: PipelineConfig) -> str:
     for key in ("storage_options", "path", "write_batch_rows", "target_file_size_mb"):
         d["output"].pop(key, None)
     d.pop("ray", None)
+    d.pop("select", None)  # phase 2 re-tunes without touching phase-1 rows
     d = _without_key(d, "storage_options")  # model operators take them too
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
