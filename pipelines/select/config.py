@@ -164,6 +164,8 @@ def _parse_expression(text: Any) -> CompareRule:
     if not m:
         raise ValueError(f"cannot parse rule {text!r}: expected 'COLUMN OP VALUE' with OP one of {', '.join(OPERATORS)}")
     column, op, raw_value = m.group(1), " ".join(m.group(2).split()), m.group(3)
+    if raw_value[0] in "<>=!~":
+        raise ValueError(f"cannot parse rule {text!r}: expected 'COLUMN OP VALUE' with OP one of {', '.join(OPERATORS)}")
     try:
         value = yaml.safe_load(raw_value)
     except yaml.YAMLError:

@@ -436,7 +436,7 @@ def _write_fn(ctx: _Context, file_meta: dict[str, Any]):
             rows = full.filter(mask)
             if rows.num_rows == 0:
                 continue
-            if kind == REJECTED:
+            if kind == REJECTED and "image" in rows.column_names:
                 rows = _drop_image_bytes(rows)
             for chunk in writer._chunks(rows):
                 records.append(writer._write(url, kind, chunk))
