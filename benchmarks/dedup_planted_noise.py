@@ -177,7 +177,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bases", type=int, default=60)
     ap.add_argument("--shards", type=int, default=3)
-    ap.add_argument("--max-distance", type=int, default=10)
+    ap.add_argument("--max-distance", type=int, default=8)
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
 

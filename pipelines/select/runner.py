@@ -383,7 +383,8 @@ def _semantic(ds, proto: pa.Table, name: str, method, index: DedupIndex | None, 
         cluster = np.full(t.num_rows, -1, np.int32)
         if mask.any():
             cluster[mask] = graph.kmeans_assign(T.embeddings(t.filter(pa.array(mask)), column), _cached_get(cent_ref))
-        t = t.append_column(T.CLUSTER, pa.array(cluster, mask=~mask))
+        # -1, not null, for rows outside the step: Ray's map_groups mis-splits groups on null keys.
+        t = t.append_column(T.CLUSTER, pa.array(cluster))
         return t.append_column(T.INDEXED, pa.array(np.zeros(t.num_rows, bool)))
 
     assigned = _map(ds, assign)

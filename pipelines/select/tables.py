@@ -155,17 +155,18 @@ def caption_digest(texts: list[str | None]) -> list[str]:
 
 
 def exact_key(t: pa.Table, caption: bool, caption_column: str = "text") -> pa.Array:
+    """The exact-dedup group key; "" (never null: Ray's map_groups mis-splits null keys) when sha256 is null."""
     if not caption:
-        return t["sha256"].combine_chunks()
+        return pc.fill_null(t["sha256"].combine_chunks(), "")
     digests = caption_digest(t[caption_column].to_pylist())
-    return pa.array([None if s is None else f"{s}|{d}" for s, d in zip(t["sha256"].to_pylist(), digests)],
+    return pa.array(["" if s is None else f"{s}|{d}" for s, d in zip(t["sha256"].to_pylist(), digests)],
                     pa.string())
 
 
 def exact_group(t: pa.Table, n_order: int) -> pa.Table:
     """One sha256 group: keep its best row (or the index entry), mark the rest ``dedup:exact``."""
     indexed = t[INDEXED].to_numpy(zero_copy_only=False) if INDEXED in t.column_names else np.zeros(t.num_rows, bool)
-    valid = pc.is_valid(t[XKEY]).to_numpy(zero_copy_only=False)
+    valid = pc.not_equal(pc.fill_null(t[XKEY], ""), "").to_numpy(zero_copy_only=False)
     members = (alive_mask(t) | indexed) & valid
     if members.sum() > 1:
         t = mark_duplicates(t, np.zeros(t.num_rows, np.int64), members, "exact", n_order, indexed)
@@ -265,8 +266,8 @@ def embeddings(t: pa.Table, column: str) -> np.ndarray:
 def semantic_group(t: pa.Table, method: str, column: str, eps: float, n_order: int) -> pa.Table:
     """One k-means cluster: cosine >= 1 - eps pairs, components, one survivor each (SemDeDup)."""
     indexed = t[INDEXED].to_numpy(zero_copy_only=False)
-    valid = pc.is_valid(t[column]).to_numpy(zero_copy_only=False) & pc.is_valid(t[CLUSTER]).to_numpy(
-        zero_copy_only=False)
+    valid = pc.is_valid(t[column]).to_numpy(zero_copy_only=False) & (
+        pc.fill_null(t[CLUSTER], -1).to_numpy(zero_copy_only=False) >= 0)
     members = (alive_mask(t) | indexed) & valid
     idx = np.nonzero(members)[0]
     if len(idx) > 1:
