@@ -142,14 +142,15 @@ def score(samples: list[dict], verdicts: dict[str, tuple[str | None, str | None]
             found[group[key]] = found.get(group[key], 0) + 1
     planted = sum(n - 1 for n in sizes.values())
     recall_all = sum(found.values()) / planted if planted else 1.0
-    # Per kind: a planted copy counts as found when it ends in the same group as its original,
-    # i.e. it was flagged, or it is the survivor its siblings were flagged against.
+    # Per kind: a planted copy counts as found when it is linked to its own group: flagged as a
+    # duplicate of a sibling, or it is the survivor a sibling was flagged against.
     survivors_of = {group[k] for k, (m, _) in verdicts.items() if m is None}
+    targets = {dup_of for k, (m, dup_of) in verdicts.items() if m is not None and group[k] == group.get(dup_of)}
     by_kind = {}
     for k in ("exact", *NOISE_KINDS):
         keys = [s["key"] for s in samples if s["kind"] == k]
-        hit = sum(1 for x in keys if verdicts[x][0] is not None and group[x] == group.get(verdicts[x][1])
-                  or (verdicts[x][0] is None and found.get(group[x], 0) == sizes[group[x]] - 1))
+        hit = sum(1 for x in keys if (verdicts[x][0] is not None and group[x] == group.get(verdicts[x][1]))
+                  or (verdicts[x][0] is None and x in targets))
         by_kind[k] = hit / len(keys) if keys else 1.0
     precision = {m: v["correct"] / v["flagged"] if v["flagged"] else 1.0 for m, v in per_method.items()}
     total_flagged = sum(v["flagged"] for v in per_method.values())
