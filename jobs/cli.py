@@ -90,6 +90,10 @@ def run(config: Path = typer.Argument(..., help="pipeline YAML"),
     cfg = config_mod.load(config, set_ or [])
     summary = run_pipeline(cfg, break_lock=break_lock, retry_quarantined=retry_quarantined)
     print_summary(summary, cfg.output.path)
+    if cfg.select is not None:  # phase 2 named in the same config: select over what is committed
+        from jobs.curate import run_after_annotate
+
+        run_after_annotate(cfg)
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
 

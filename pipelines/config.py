@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from operators.base import registry
 from ground.errors import ConfigError
+from pipelines.select.config import SelectConfig
 
 # Keys inside storage_options whose values never leave the driver in clear text.
 SECRET_KEYS = ("key", "secret", "token", "password", "session_token", "aws_access_key_id",
@@ -111,6 +112,7 @@ class PipelineConfig(StrictModel):
     operators: list[dict[str, Any]] = Field(default_factory=list)
     ray: RayConfig = Field(default_factory=RayConfig)
     submit: SubmitConfig = Field(default_factory=SubmitConfig)
+    select: SelectConfig | None = Field(None, description="phase 2, run after this pipeline (README: Curation)")
 
     @model_validator(mode="after")
     def _validate_operators(self) -> "PipelineConfig":
@@ -290,6 +292,7 @@ def config_hash(cfg: PipelineConfig) -> str:
         d["output"].pop(key, None)
     d.pop("ray", None)
     d.pop("submit", None)  # how a job is packaged does not change its rows
+    d.pop("select", None)  # phase 2 re-tunes without touching phase-1 rows
     d = _without_key(d, "storage_options")  # model operators take them too
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

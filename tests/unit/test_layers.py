@@ -47,3 +47,13 @@ def test_plan_and_cli_import_neither_ray_nor_torch():
             "print(sorted(m for m in ('ray', 'torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_code_package_ships_in_the_wheel():
+    """pyproject lists packages by hand (conf/ is mapped in as mmcurate_conf); a new folder must join it."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {str(p.parent.relative_to(REPO)).replace("/", ".") for layer in LAYERS
+             for p in (REPO / layer).rglob("__init__.py")}
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"

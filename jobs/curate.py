@@ -1,0 +1,113 @@
+"""``mmcurate select`` and ``mmcurate dedup``: phase 2 over an annotated output.
+
+``CONFIG`` is either a pipeline YAML with a ``select:`` section (its ``output.path`` is the
+default ``--from``) or a YAML holding just the select section. Config errors exit 2 with one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+from pydantic import ValidationError
+
+from ground.errors import ConfigError
+from jobs.clikit import setup_logging
+
+
+def load_select(path: Path, overrides: list[str]) -> tuple[Any, Any, str | None]:
+    """(SelectConfig, RayConfig, default source path) from a pipeline or select-only YAML.
+
+    Raises:
+        ConfigError: one line naming the file, the dotted key and the bad value.
+    """
+    from pipelines import config as config_mod
+    from pipelines.select.config import SelectConfig
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    data = config_mod.apply_overrides(data, overrides)
+    if "input" in data or "name" in data:
+        cfg = config_mod.validate(data, source=str(path))
+        if cfg.select is None:
+            raise ConfigError(f"{path}: no 'select:' section")
+        return cfg.select, cfg.ray, cfg.output.path
+    section = data.get("select", data) if set(data) <= {"select", "ray"} else data
+    try:
+        select_cfg = SelectConfig.model_validate(section)
+        ray_cfg = config_mod.RayConfig.model_validate(data.get("ray") or {}) if "select" in data else None
+    except ValidationError as exc:
+        prefix = ("select",) if "select" in data else ()
+        raise config_mod._config_error(exc, section, str(path), prefix=prefix) from None
+    return select_cfg, ray_cfg, None
+
+
+def print_select_summary(summary) -> None:
+    d = summary.to_dict()
+    typer.echo("")
+    typer.echo(f"select {d['run_id']}  decisions={d['decision_hash']}")
+    f = d["files"]
+    typer.echo(f"files: {f['found']} found, {f['skipped_committed']} already committed, {f['committed']} committed now")
+    typer.echo(f"rows:  {d['rows_in']} in, {d['kept']} kept, {d['rejected']} rejected "
+               f"({d['rows_per_s']:.1f} rows/s over {d['elapsed_s']:.1f}s)")
+    for reason, n in d["rejected_by_reason"].items():
+        typer.echo(f"       {n:>8}  {reason}")
+
+
+def run_select(select_cfg, ray_cfg, source: str | None, target: str | None):
+    """Resolve --from/--to against the config and run phase 2."""
+    from pipelines.select.runner import select
+
+    source_options: dict[str, Any] = {}
+    target_options: dict[str, Any] = {}
+    if select_cfg.input is not None:
+        source = source or select_cfg.input.path
+        source_options = select_cfg.input.storage_options
+    if select_cfg.output is not None:
+        target = target or select_cfg.output.path
+        target_options = select_cfg.output.storage_options
+    if not source:
+        raise ConfigError("select: no input: pass --from OUT (or set select.input.path)")
+    if not target:
+        raise ConfigError("select: no output: pass --to CURATED (or set select.output.path)")
+    if source.rstrip("/") == target.rstrip("/"):
+        raise ConfigError(f"select: --from and --to are the same place ({source}); curated output needs its own root")
+    return select(select_cfg, source, target, source_options, target_options, ray_cfg)
+
+
+def run_after_annotate(cfg) -> None:
+    """The phase-1 hook: ``mmcurate run`` with a ``select:`` section selects right after annotating."""
+    print_select_summary(run_select(cfg.select, cfg.ray, cfg.output.path, None))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("select")
+    def select_cmd(config: Path = typer.Argument(..., help="pipeline YAML with a select: section, or a select YAML"),
+                   source: Optional[str] = typer.Option(None, "--from", help="annotated output (phase 1 OUT)"),
+                   target: Optional[str] = typer.Option(None, "--to", help="curated output root"),
+                   set_: Optional[list[str]] = typer.Option(None, "--set", help="override: dotted.key=YAML value"),
+                   log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING")) -> None:
+        """Phase 2: apply rules and dedup to OUT/data, writing CURATED/data and CURATED/rejected exactly once."""
+        setup_logging(log_level)
+        select_cfg, ray_cfg, default_source = load_select(config, set_ or [])
+        print_select_summary(run_select(select_cfg, ray_cfg, source or default_source, target))
+
+    @app.command("dedup")
+    def dedup_cmd(config: Path = typer.Argument(..., help="pipeline YAML with a select: section, or a select YAML"),
+                  source: Optional[str] = typer.Option(None, "--from", help="annotated output (phase 1 OUT)"),
+                  target: Optional[str] = typer.Option(None, "--to", help="curated output root"),
+                  set_: Optional[list[str]] = typer.Option(None, "--set", help="override: dotted.key=YAML value"),
+                  log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING")) -> None:
+        """Phase 2 with only the dedup methods of CONFIG (its rules are ignored)."""
+        setup_logging(log_level)
+        select_cfg, ray_cfg, default_source = load_select(config, set_ or [])
+        select_cfg = select_cfg.model_copy(update={"rules": []})
+        print_select_summary(run_select(select_cfg, ray_cfg, source or default_source, target))
