@@ -113,8 +113,11 @@ def test_target_file_size_splits_files_and_rejected_image_bytes_is_optional(ray_
     files = sorted((out / "data").glob("*.parquet"))
     total = sum((f.stat().st_size for f in files))
     assert len(files) >= 3 and total > 0.4 * 2**20
-    # no file is far over the target (compressed images: in-memory size ~ file size)
-    assert max(f.stat().st_size for f in files) < 0.3 * 2**20
+    # a file rolls over once it reaches the target, so none is much over it, and the count
+    # meets the few-files bound (ceil(bytes / target) + 1)
+    target = 0.2 * 2**20
+    assert max(f.stat().st_size for f in files) < 2 * target
+    assert len(files) <= -(-total // target) + 1
     assert sum(pq.read_metadata(f).num_rows for f in files) == s.kept == 30
     rejected = pq.read_table(out / "rejected").to_pylist()
     with_bytes = [r for r in rejected if r["image"] and r["image"]["bytes"]]
