@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 # A commit is a handful of sequential requests (copy or merge, ledger PUT, DeleteObjects), each
 # 10-50 ms on S3, so ~0.1-0.3 s per shard per thread: 16 threads give 50-160 commits/s, above
-# the ~49 shards/s that 100 GPUs produce (docs/readme/scaleio.md). More threads mostly queue on
+# the ~49 shards/s that 100 GPUs produce (README: "Output files and the commit path at scale"). More threads mostly queue on
 # s3fs's connection pool (10 per client by default).
 COMMIT_THREADS = 16
 # Complete shards that may wait for a thread before the consuming loop blocks: enough to ride

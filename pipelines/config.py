@@ -54,7 +54,7 @@ class InputConfig(StrictModel):
     images_prefix: str | None = Field(None, description="coco: folder/URL the file_name entries are relative to")
     coco_rows: Literal["per_caption", "per_image"] = "per_caption"
     coco_images_per_shard: int = Field(1000, ge=1)
-    # shard outcomes and incremental runs (docs/readme/nightly.md)
+    # shard outcomes and incremental runs (README: "Unattended nightly runs")
     read_attempts: int = Field(5, ge=1, description="re-opens at the broken byte offset before a read fails")
     shard_retries: int = Field(2, ge=0, description="in-run retries of failed shards, with backoff")
     shard_retry_backoff_s: float = Field(5.0, ge=0, description="wait before the first in-run retry; doubles")

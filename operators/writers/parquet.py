@@ -175,7 +175,7 @@ def parts_need_merge(sizes: list[int], target_bytes: int) -> bool:
     target) + 1``, and every part but one holds at least a quarter of the target (so no kind ends
     as a pile of small files that happens to be within the bound for a tiny shard). A merge
     rewrites every byte of the shard, so skipping it when the parts are already large is what
-    keeps big shards on busy clusters cheap (see docs/readme/scaleio.md for settings that
+    keeps big shards on busy clusters cheap (see README "Few, large files per shard" for settings that
     produce large parts).
     """
     if len(sizes) <= 1:

@@ -280,7 +280,7 @@ def _phash(ds, proto: pa.Table, method, index: DedupIndex | None, exclude: set[s
     @ray.remote(num_cpus=SELECT_NUM_CPUS)
     def components(n_edge_blocks: int, *blocks: pa.Table) -> pa.Table:
         # All confirmed pairs in one task (not the driver): near-duplicate pairs are a small
-        # fraction of the rows; see docs/readme/select.md for the memory this needs at scale.
+        # fraction of the rows; see README "At 1 billion rows" for the memory this needs at scale.
         edge_blocks = [b for b in blocks[:n_edge_blocks] if b.num_rows]
         node_blocks = [b for b in blocks[n_edge_blocks:] if b.num_rows]
         if not edge_blocks or not node_blocks:
