@@ -4,7 +4,7 @@
 class MmcurateError(Exception):
     """Base for faults the CLI reports as one line and a non-zero exit (``exit_code``)."""
 
-    #: the CLI's exit status: 2 for config and storage errors (docs/readme/nightly.md)
+    #: the CLI's exit status: 2 for config and storage errors (README "Exit codes of mmcurate run")
     exit_code = 2
 
 

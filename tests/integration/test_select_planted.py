@@ -20,7 +20,7 @@ from tests.integration.select_support import row, write_annotated_output
 # Thresholds with margin under what the implementation measured at this size (bases=12, seed 5,
 # k=8): precision 1.0 (14 exact + 41 pHash verdicts), no negative flagged, recall 0.92 overall;
 # crops of up to 10 % of the area move the 64-bit DCT pHash by up to ~12 bits, so crop recall
-# is only 0.58 here (0.9 over 60 bases): the hash's limit, stated in docs/readme/select.md.
+# is only 0.58 here (0.9 over 60 bases): the hash's limit, stated in the README (Planted-noise benchmark).
 MIN_PRECISION = 0.99
 MIN_RECALL_LIGHT = 0.99
 MIN_RECALL_CROP = 0.4
