@@ -131,6 +131,8 @@ def init_ray(cfg: PipelineConfig) -> None:
             logger.warning("Ray is already initialised in this process: ray.%s ignored", ", ray.".join(ignored))
     else:
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+        if address == "local":  # Ray's own spelling of "start a private local Ray here"
+            address = None
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
         if address:
             import ground
