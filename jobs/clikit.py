@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Any
 
 import typer
 
@@ -21,3 +23,14 @@ def fail(msg: str, code: int = 2) -> None:
     """Print ``mmcurate: error: msg`` on stderr and exit with ``code``."""
     typer.echo(f"mmcurate: error: {msg}", err=True)
     raise typer.Exit(code)
+
+
+def storage_options_option(text: str | None) -> dict[str, Any]:
+    """Parse a ``--storage-options`` JSON object (exit 2 with one line when it is not one)."""
+    try:
+        options = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        fail(f"--storage-options is not JSON: {exc}")
+    if not isinstance(options, dict):
+        fail("--storage-options must be a JSON object")
+    return options

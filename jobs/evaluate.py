@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Optional
 
 import typer
 
-from jobs.clikit import fail, setup_logging
+from jobs.clikit import fail, setup_logging, storage_options_option
 
 eval_app = typer.Typer(add_completion=False, no_args_is_help=True,
                        help="Evaluate an annotated output from its stored columns.")
@@ -41,12 +40,7 @@ def retrieval(output: str = typer.Argument(..., help="output root (local path or
     from ground.errors import MmcurateError
     from pipelines.eval import RECALL_AT, evaluate_retrieval
 
-    try:
-        options = json.loads(storage_options) if storage_options else {}
-    except json.JSONDecodeError as exc:
-        fail(f"--storage-options is not JSON: {exc}")
-    if not isinstance(options, dict):
-        fail("--storage-options must be a JSON object")
+    options = storage_options_option(storage_options)
     try:
         result, written = evaluate_retrieval(output, column_prefix, sample, seed, block_rows, options)
     except MmcurateError as exc:

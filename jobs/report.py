@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Optional
 
 import typer
 
-from jobs.clikit import fail, setup_logging
+from jobs.clikit import fail, setup_logging, storage_options_option
 
 
 def report(output: str = typer.Argument(..., help="output root of a pipeline (local path or s3://...)"),
@@ -20,11 +19,7 @@ def report(output: str = typer.Argument(..., help="output root of a pipeline (lo
     setup_logging(log_level)
     from pipelines.report import build_report
 
-    try:
-        options = json.loads(storage_options) if storage_options else {}
-    except json.JSONDecodeError as exc:
-        fail(f"--storage-options is not JSON: {exc}")
-        return
+    options = storage_options_option(storage_options)
     try:
         path = build_report(output, options, run)
     except FileNotFoundError as exc:

@@ -46,7 +46,7 @@ from operators.dedup import graph
 from pipelines.config import RayConfig
 from pipelines.ledger import Ledger, ShardProgress
 from pipelines.select import tables as T
-from pipelines.select.config import CompareRule, SelectConfig, TopFraction
+from pipelines.select.config import SelectConfig, TopFraction
 from pipelines.select.index import EXACT, PHASH, DedupIndex, semantic_kind
 
 logger = logging.getLogger(__name__)
