@@ -71,6 +71,8 @@ def pytest_configure(config):
         # Browsers and other tools the tests start keep their caches and settings here too.
         "XDG_CACHE_HOME": str(root / "xdg-cache"),
         "XDG_CONFIG_HOME": str(root / "xdg-config"),
+        # CUDA's JIT compute cache (~/.nv by default) on GPU machines.
+        "CUDA_CACHE_PATH": str(root / "cuda-cache"),
         # ray.init() without an address joins any cluster `ray start` left on this machine;
         # "local" makes every Ray the tests (and their subprocess runs) start a private one.
         "RAY_ADDRESS": "local",
