@@ -35,6 +35,24 @@ def _fmt_time(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
+def holder_is_dead_here(lease: dict[str, Any]) -> bool:
+    """True when the lease was taken on this host by a process that no longer exists.
+
+    A run killed with SIGKILL cannot release its lease; on the same host we can tell it is dead
+    without waiting for the TTL, so "rerun the same command" resumes at once. A holder on
+    another host is only known dead by its lease expiring.
+    """
+    if lease.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(lease.get("pid")), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, TypeError, ValueError):
+        return False
+    return False
+
+
 def describe_holder(lease: dict[str, Any]) -> str:
     """``run <id> on <host> (pid N) since <time>, expires <time>`` for messages."""
     return (f"run {lease.get('run_id')} on {lease.get('host')} (pid {lease.get('pid')}) since "
@@ -194,10 +212,11 @@ class RunLock:
             if lease is None:
                 continue  # released between our attempt and the read: try again
             expired = float(lease.get("expires_at", 0)) < time.time()
-            if not (expired or break_lock):
+            dead = holder_is_dead_here(lease)
+            if not (expired or dead or break_lock):
                 raise LockHeldError(f"output is locked by {describe_holder(lease)}; wait for it, or run with "
                                     f"--break-lock if that run is dead ({self.path})")
-            why = "expired" if expired else "broken with --break-lock"
+            why = "expired" if expired else ("its process is gone" if dead else "broken with --break-lock")
             if self._take_over(lease, etag):
                 logger.warning("took over the run lock (%s) from %s", why, describe_holder(lease))
                 break

@@ -93,3 +93,30 @@ def test_lease_names_run_host_pid_and_expiry(out):
         json.dumps(lease)
     finally:
         lock.release()
+
+
+def test_a_live_lease_of_a_killed_process_on_this_host_is_taken_over_at_once(out):
+    """SIGKILL leaves the lease behind; on the same host a dead pid frees it without the TTL."""
+    import subprocess
+    import sys
+
+    path, opts = out
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer exists
+    killed = RunLock(path, opts, "run-killed", ttl_s=600)
+    killed._lease = lambda: json.dumps({"run_id": "run-killed", "host": socket.gethostname(), "pid": gone.pid,
+                                        "started_at": time.time(), "expires_at": time.time() + 600}).encode()
+    assert killed._create()
+    rerun = RunLock(path, opts, "run-again", ttl_s=600)
+    rerun.acquire()
+    try:
+        assert _lease(rerun)["run_id"] == "run-again"
+    finally:
+        rerun.release()
+    # A lease whose process is alive (ours) or on another host is still respected.
+    other = RunLock(path, opts, "run-elsewhere", ttl_s=600)
+    other._lease = lambda: json.dumps({"run_id": "run-elsewhere", "host": "another-host", "pid": gone.pid,
+                                       "started_at": time.time(), "expires_at": time.time() + 600}).encode()
+    assert other._create()
+    with pytest.raises(LockHeldError, match="run-elsewhere"):
+        RunLock(path, opts, "run-third", ttl_s=600).acquire()
