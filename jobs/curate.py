@@ -88,26 +88,32 @@ def run_after_annotate(cfg) -> None:
     print_select_summary(run_select(cfg.select, cfg.ray, cfg.output.path, None))
 
 
+def _phase2(config: Path, source: Optional[str], target: Optional[str], overrides: list[str], log_level: str,
+            rules: bool) -> None:
+    """Load CONFIG's select section (without its rules for ``dedup``), run it and print the summary."""
+    setup_logging(log_level)
+    select_cfg, ray_cfg, default_source = load_select(config, overrides)
+    if not rules:
+        select_cfg = select_cfg.model_copy(update={"rules": []})
+    print_select_summary(run_select(select_cfg, ray_cfg, source or default_source, target))
+
+
+CONFIG_ARG = typer.Argument(..., help="pipeline YAML with a select: section, or a select YAML")
+FROM_OPT = typer.Option(None, "--from", help="annotated output (phase 1 OUT)")
+TO_OPT = typer.Option(None, "--to", help="curated output root")
+SET_OPT = typer.Option(None, "--set", help="override: dotted.key=YAML value")
+LOG_OPT = typer.Option("INFO", help="DEBUG, INFO, WARNING")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("select")
-    def select_cmd(config: Path = typer.Argument(..., help="pipeline YAML with a select: section, or a select YAML"),
-                   source: Optional[str] = typer.Option(None, "--from", help="annotated output (phase 1 OUT)"),
-                   target: Optional[str] = typer.Option(None, "--to", help="curated output root"),
-                   set_: Optional[list[str]] = typer.Option(None, "--set", help="override: dotted.key=YAML value"),
-                   log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING")) -> None:
+    def select_cmd(config: Path = CONFIG_ARG, source: Optional[str] = FROM_OPT, target: Optional[str] = TO_OPT,
+                   set_: Optional[list[str]] = SET_OPT, log_level: str = LOG_OPT) -> None:
         """Phase 2: apply rules and dedup to OUT/data, writing CURATED/data and CURATED/rejected exactly once."""
-        setup_logging(log_level)
-        select_cfg, ray_cfg, default_source = load_select(config, set_ or [])
-        print_select_summary(run_select(select_cfg, ray_cfg, source or default_source, target))
+        _phase2(config, source, target, set_ or [], log_level, rules=True)
 
     @app.command("dedup")
-    def dedup_cmd(config: Path = typer.Argument(..., help="pipeline YAML with a select: section, or a select YAML"),
-                  source: Optional[str] = typer.Option(None, "--from", help="annotated output (phase 1 OUT)"),
-                  target: Optional[str] = typer.Option(None, "--to", help="curated output root"),
-                  set_: Optional[list[str]] = typer.Option(None, "--set", help="override: dotted.key=YAML value"),
-                  log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING")) -> None:
+    def dedup_cmd(config: Path = CONFIG_ARG, source: Optional[str] = FROM_OPT, target: Optional[str] = TO_OPT,
+                  set_: Optional[list[str]] = SET_OPT, log_level: str = LOG_OPT) -> None:
         """Phase 2 with only the dedup methods of CONFIG (its rules are ignored)."""
-        setup_logging(log_level)
-        select_cfg, ray_cfg, default_source = load_select(config, set_ or [])
-        select_cfg = select_cfg.model_copy(update={"rules": []})
-        print_select_summary(run_select(select_cfg, ray_cfg, source or default_source, target))
+        _phase2(config, source, target, set_ or [], log_level, rules=False)
