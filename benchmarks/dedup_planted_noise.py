@@ -8,7 +8,7 @@ a different object drawn somewhere else). Shards are written as WebDataset tars,
 pHash dedup. Prints, per method, the duplicates it flagged and their precision, and recall per
 noise kind over all planted near duplicates.
 
-    python benchmarks/dedup_planted_noise.py [--bases 60] [--max-distance 10] [--workdir DIR]
+    python benchmarks/dedup_planted_noise.py [--bases 60] [--max-distance 6] [--no-windows] [--workdir DIR]
 
 The semantic method (SemDeDup) is not measured here: it needs real CLIP embeddings, and the
 tiny random-weight CLIP the test suite builds carries no semantic signal, so a figure for it
@@ -178,7 +178,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bases", type=int, default=60)
     ap.add_argument("--shards", type=int, default=3)
-    ap.add_argument("--max-distance", type=int, default=8)
+    ap.add_argument("--max-distance", type=int, default=6)
+    ap.add_argument("--no-windows", action="store_true", help="full-hash matching only (no phash_windows)")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
 
@@ -198,7 +199,8 @@ def main() -> None:
     t0 = time.time()
     summary = run(cfg)
     t1 = time.time()
-    sel = SelectConfig.model_validate({"dedup": [{"exact": {}}, {"phash": {"max_distance": args.max_distance}}],
+    sel = SelectConfig.model_validate({"dedup": [{"exact": {}}, {"phash": {"max_distance": args.max_distance,
+                                                                             "windows": not args.no_windows}}],
                                        "survivor_order": ["-pixels"], "index": False})
     ssum = select(sel, str(work / "out"), str(work / "curated"))
     t2 = time.time()

@@ -27,7 +27,11 @@ DECODE_FIELDS = [
     pa.field("format", pa.string()),
     # 64-bit DCT perceptual hash, bits reinterpreted as signed (operators/dedup/phash.py)
     pa.field("phash", pa.int64()),
+    # pHash of 9 sub-windows (96 % of each side at offsets 0/2/4 %), so crops are found as
+    # duplicates (operators/dedup/phash.py: phash_with_windows)
+    pa.field("phash_windows", pa.list_(pa.int64(), 9)),
 ]
+PHASH_WINDOWS_TYPE = DECODE_FIELDS[-1].type
 
 # Internal bookkeeping columns for the commit loop; never written to output files.
 #   _shard_rows: set on the rows of a shard's last block to the shard's total row count.

@@ -68,6 +68,59 @@ def phash_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.n
     return np.concatenate(us).astype(np.int64), np.concatenate(vs).astype(np.int64)
 
 
+def phash_window_pairs(hashes: np.ndarray, is_window: np.ndarray,
+                       max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)`` within ``max_distance`` bits where at least one side is a full hash.
+
+    The entries of one LSH bucket are rows' full hashes (``is_window`` False) and rows' window
+    hashes (True, see :func:`operators.dedup.phash.phash_with_windows`). A full hash may match a
+    full hash or a window; two windows never match each other (that would link pictures that
+    only share a corner region). Like :func:`phash_pairs`, equal hashes are chained through one
+    representative instead of compared all-pairs: every class of equal hashes that holds a full
+    hash gets the first of them as representative, every member of the class and of each close
+    class is linked to it, so the edges describe the same components at O(members) cost.
+    """
+    hashes = np.asarray(hashes, dtype=np.int64)
+    is_window = np.asarray(is_window, dtype=bool)
+    n = len(hashes)
+    empty = np.empty(0, np.int64)
+    if n < 2 or is_window.all():
+        return empty, empty
+    distinct, inverse = np.unique(hashes, return_inverse=True)
+    full_idx = np.nonzero(~is_window)[0]
+    # representative of each class: its first full member, or -1 when the class holds only windows
+    rep = np.full(len(distinct), -1, dtype=np.int64)
+    np.minimum.at(rep.view(np.uint64), inverse[full_idx], full_idx.astype(np.uint64))  # -1 as uint64 is max
+    members = np.arange(n, dtype=np.int64)
+    us, vs = [], []
+    own = rep[inverse]
+    link = (own >= 0) & (own != members)
+    us.append(own[link])
+    vs.append(members[link])
+    has_full = np.nonzero(rep >= 0)[0]
+    if len(has_full) and len(distinct) > 1:
+        d = hamming(distinct[has_full][:, None], distinct[None, :])
+        ci, cj = np.nonzero(d <= max_distance)
+        c_from = has_full[ci]
+        close = c_from != cj
+        c_from, c_to = c_from[close], cj[close]
+        if len(c_from):
+            # every member of class c_to links to the representative of class c_from
+            order = np.argsort(inverse, kind="stable")
+            starts = np.searchsorted(inverse[order], np.arange(len(distinct) + 1))
+            counts = starts[c_to + 1] - starts[c_to]
+            src = np.repeat(rep[c_from], counts)
+            dst = order[np.concatenate([np.arange(starts[c], starts[c + 1]) for c in c_to])]
+            us.append(src)
+            vs.append(dst)
+    u, v = np.concatenate(us), np.concatenate(vs)
+    if not len(u):
+        return empty, empty
+    lo, hi = np.minimum(u, v), np.maximum(u, v)
+    pairs = np.unique(np.stack([lo, hi], axis=1), axis=0)
+    return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+
+
 def normalise_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (zero rows stay zero), as float32."""
     x = np.asarray(x, dtype=np.float32)

@@ -12,9 +12,9 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from pydantic import Field
 
 from operators.base import Operator, OperatorConfig, Resources, pending_mask, register, set_column, with_rejects
-from operators.dedup.phash import phash64
+from operators.dedup.phash import phash_with_windows
 from operators.image.pixels import to_rgb
-from ground.schema import IMAGE_TYPE
+from ground.schema import IMAGE_TYPE, PHASH_WINDOWS_TYPE
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ class ImageDecoder(Operator):
     Input columns: ``image`` (struct{bytes, path}), ``reject_reason``.
     Output columns: ``width``, ``height`` (int32, after EXIF transpose), ``format`` (stored
     format, lower case), ``phash`` (int64: 64-bit DCT perceptual hash of the upright pixels
-    before any resize, see :mod:`operators.dedup.phash`; null on rejected rows); ``image`` is
+    before any resize, see :mod:`operators.dedup.phash`; null on rejected rows), ``phash_windows``
+    (the pHashes of 9 sub-windows, which let pHash dedup find crops); ``image`` is
     replaced only when the image is normalised, resized or re-encoded. ``sha256`` keeps the digest of the source bytes.
     Resources: a CPU task pool (``resources``).
     Failure behaviour: ``decode:empty_image`` (zero bytes), ``decode:not_an_image``,
@@ -54,7 +55,7 @@ class ImageDecoder(Operator):
     name = "decode"
     Config = DecodeConfig
     input_columns = ("image",)
-    output_columns = ("width", "height", "format", "phash")
+    output_columns = ("width", "height", "format", "phash", "phash_windows")
 
     def __init__(self, config: DecodeConfig):
         super().__init__(config)
@@ -68,13 +69,16 @@ class ImageDecoder(Operator):
     def __call__(self, batch: pa.Table) -> pa.Table:
         pending = pending_mask(batch)
         images = batch["image"].to_pylist()
-        widths, heights, formats, phashes, reasons = [], [], [], [], []
+        widths, heights, formats, phashes, windows, reasons = [], [], [], [], [], []
         changed = False
         for i, img in enumerate(images):
-            w = h = fmt = phash = reason = None
+            w = h = fmt = phash = wins = reason = None
             if pending[i]:
                 data = (img or {}).get("bytes")
                 out, w, h, fmt, phash, reason = self._one(data or b"")
+                if phash is not None:
+                    phash, wins = phash
+
                 if out is not None:
                     images[i] = {"bytes": out, "path": _with_extension(img.get("path"), fmt)}
                     changed = True
@@ -82,6 +86,7 @@ class ImageDecoder(Operator):
             heights.append(h)
             formats.append(fmt)
             phashes.append(phash)
+            windows.append(wins)
             reasons.append(reason and f"{self.name}:{reason}")
         out = batch
         if changed:
@@ -90,10 +95,11 @@ class ImageDecoder(Operator):
         out = set_column(out, "height", heights, pa.int32())
         out = set_column(out, "format", formats, pa.string())
         out = set_column(out, "phash", phashes, pa.int64())
+        out = set_column(out, "phash_windows", windows, PHASH_WINDOWS_TYPE)
         return with_rejects(out, reasons)
 
     def _one(self, data: bytes) -> tuple[bytes | None, int | None, int | None, str | None, int | None, str | None]:
-        """(new bytes or None, width, height, format, phash, reject reason) for one image."""
+        """(new bytes or None, width, height, format, (phash, window hashes) or None, reject reason)."""
         cfg: DecodeConfig = self.config
         if not data:
             return None, None, None, None, None, "empty_image"
@@ -145,11 +151,11 @@ class ImageDecoder(Operator):
             return None, None, None, None, None, "corrupt"
 
 
-    def _phash(self, img: Image.Image) -> int | None:
+    def _phash(self, img: Image.Image) -> tuple[int, list[int]] | None:
         """The image's pHash, or None (logged once) if its mode cannot be flattened to RGB: a
         missing hash must not reject an image that decoded fine."""
         try:
-            return phash64(img)
+            return phash_with_windows(img)
         except Exception as exc:  # noqa: BLE001 - one odd image mode is that row's problem
             if not self._phash_warned:
                 self._phash_warned = True

@@ -110,7 +110,9 @@ class ExactDedup(_Strict):
 class PhashDedup(_Strict):
     """Perceptual near duplicates: ``phash`` within ``max_distance`` bits, found by LSH banding."""
 
-    max_distance: int = Field(8, ge=0, le=16, description="Hamming distance k; k+1 bands")
+    max_distance: int = Field(6, ge=0, le=16, description="Hamming distance k; k+1 bands")
+    windows: bool = Field(True, description="also match each row's full hash against other rows' window "
+                                            "hashes (phash_windows), which finds crops of up to ~10 % of the area")
 
 
 class SemanticDedup(_Strict):

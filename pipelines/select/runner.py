@@ -40,7 +40,7 @@ import yaml
 from ground import SCHEMA_VERSION, __version__
 from ground.errors import AccountingError, ConfigError
 from ground.layout import DATA, LEDGER, META_DIR, REJECTED, RUNS, STAGING, shard_tag
-from ground.schema import MMCURATE_METADATA_KEY
+from ground.schema import MMCURATE_METADATA_KEY, PHASH_WINDOWS_TYPE as WINDOWS_TYPE
 from ground.storage import filesystem, is_local, join, retry, to_url
 from operators.dedup import graph
 from pipelines.config import RayConfig
@@ -58,6 +58,8 @@ MAX_DEFAULT_PARTITIONS = 200
 # Sample rows are picked by a hash of their row id: deterministic, spread over every file.
 _SAMPLE_MODULUS = 1 << 20
 SELECT_NUM_CPUS = 0.5
+# Columns read when a file has them: outputs annotated before decode added window hashes lack them.
+_OPTIONAL_COLUMNS = (T.WINDOWS,)
 
 
 @dataclass
@@ -111,6 +113,8 @@ def narrow_columns(cfg: SelectConfig) -> list[str]:
     for name, method in cfg.methods():
         if name == "phash":
             cols.append("phash")
+            if method.windows:
+                cols.append(T.WINDOWS)
         elif name == "exact" and method.caption:
             cols.append("text")
         elif name in ("semantic", "caption"):
@@ -152,6 +156,9 @@ def _read_file_fn(ctx: _Context):
         for fid in batch["fid"].to_pylist():
             fs, path = filesystem(ctx.files[fid], ctx.source_options)
             t = retry(lambda: _read_parquet(fs, path, cols), f"read {ctx.files[fid]}")
+            if T.WINDOWS in cols and T.WINDOWS not in t.column_names:
+                # annotated before decode added window hashes: full-hash matching only for these rows
+                t = t.append_column(pa.field(T.WINDOWS, WINDOWS_TYPE), pa.nulls(t.num_rows, WINDOWS_TYPE))
             out.append(T.narrow(t, fid, ctx.cfg, keep))
         return pa.concat_tables(out)
 
@@ -159,8 +166,13 @@ def _read_file_fn(ctx: _Context):
 
 
 def _read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+    """The file's ``columns``; optional columns (window hashes) the file lacks are left out."""
     with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+        pf = pq.ParquetFile(f)
+        if columns is not None:
+            names = set(pf.schema_arrow.names)
+            columns = [c for c in columns if c in names or c not in _OPTIONAL_COLUMNS]
+        return pf.read(columns=columns)
 
 
 def _map(ds, fn, **kw):
@@ -261,7 +273,7 @@ def _phash(ds, proto: pa.Table, method, index: DedupIndex | None, exclude: set[s
 
     def nodes(t: pa.Table) -> pa.Table:
         alive = t.filter(pa.array(T.alive_mask(t) & pc.is_valid(t["phash"]).to_numpy(zero_copy_only=False)))
-        out = alive.select(node_cols + ["phash"])
+        out = alive.select(node_cols + ["phash"] + ([T.WINDOWS] if method.windows else []))
         return out.append_column(T.INDEXED, pa.array(np.zeros(out.num_rows, bool)))
 
     ds = ds.materialize()  # read twice: for the graph, then to apply its verdicts
@@ -269,8 +281,12 @@ def _phash(ds, proto: pa.Table, method, index: DedupIndex | None, exclude: set[s
     parts = [node_ds]
     entries = index.read(PHASH, exclude) if index else None
     if entries is not None and entries.num_rows:
-        idx = pa.table({T.RID: pa.array(-np.arange(1, entries.num_rows + 1, dtype=np.int64)), "key": entries["key"],
-                        "phash": entries["phash"], T.INDEXED: pa.array(np.ones(entries.num_rows, bool))})
+        cols = {T.RID: pa.array(-np.arange(1, entries.num_rows + 1, dtype=np.int64)), "key": entries["key"],
+                "phash": entries["phash"], T.INDEXED: pa.array(np.ones(entries.num_rows, bool))}
+        if method.windows:
+            cols[T.WINDOWS] = (entries[T.WINDOWS] if T.WINDOWS in entries.column_names
+                               else pa.nulls(entries.num_rows, WINDOWS_TYPE))
+        idx = pa.table(cols)
         parts.append(ray.data.from_arrow(T.conform(idx, nodes(proto).schema)))
     all_nodes = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
     sigs = _map(all_nodes, lambda t: T.phash_signatures(t, k))
@@ -474,6 +490,8 @@ def _stage_index(ctx: _Context, methods: dict[str, Any], tag: str, dec: pa.Table
                                                           pa.string()), **base})}
     if "phash" in methods and "phash" in kept.column_names:
         tables[PHASH] = pa.table({"phash": kept["phash"], **base})
+        if T.WINDOWS in kept.column_names:
+            tables[PHASH] = tables[PHASH].append_column(T.WINDOWS, kept[T.WINDOWS])
     for name in ("semantic", "caption"):
         if name in methods:
             column = methods[name].column
@@ -504,7 +522,9 @@ def _select_plan(ctx: _Context, index: DedupIndex | None, file_meta: dict[str, A
     # An empty narrow table with the run's columns: each stage derives the schema it hands to
     # index entries from it, without executing anything.
     schema = read_schema(ctx.files[0], ctx.source_options)
-    proto = T.narrow(pa.table({c: pa.array([], schema.field(c).type) for c in _read_cols(cfg) if c in schema.names}),
+    types = {c: schema.field(c).type for c in schema.names}
+    types.setdefault(T.WINDOWS, WINDOWS_TYPE)
+    proto = T.narrow(pa.table({c: pa.array([], types[c]) for c in _read_cols(cfg) if c in types}),
                      0, cfg, narrow_columns(cfg))
     for rule in cfg.rules:
         if isinstance(rule, TopFraction):

@@ -173,37 +173,70 @@ def exact_group(t: pa.Table, n_order: int) -> pa.Table:
     return t.filter(pa.array(~indexed)).drop_columns([c for c in (XKEY, INDEXED) if c in t.column_names])
 
 
+WINDOWS = "phash_windows"
+IS_WINDOW = "_win"
+
+
 def phash_bucket(t: pa.Table, max_distance: int) -> pa.Table:
     """Confirmed pairs in one LSH bucket: rows ``(u, v)`` of ``_rid``s within ``max_distance``.
 
-    Pairs between two index entries are dropped (they were settled on earlier runs).
+    Entries are full hashes and, where the input has them, window hashes (``_win``): a full hash
+    matches a full hash or another row's window, never window against window
+    (:func:`operators.dedup.graph.phash_window_pairs`). Pairs between two index entries are
+    dropped (they were settled on earlier runs), and so are a row's windows against itself.
     """
     if t.num_rows < 2:
         return pa.table({"u": pa.array([], pa.int64()), "v": pa.array([], pa.int64())})
-    t = t.sort_by([(RID, "ascending")])
-    a, b = graph.phash_pairs(t["phash"].to_numpy(zero_copy_only=False), max_distance)
+    t = t.sort_by([(RID, "ascending"), (IS_WINDOW, "ascending")])
+    hashes = t["phash"].to_numpy(zero_copy_only=False)
+    is_window = t[IS_WINDOW].to_numpy(zero_copy_only=False)
+    if is_window.any():
+        a, b = graph.phash_window_pairs(hashes, is_window, max_distance)
+    else:
+        a, b = graph.phash_pairs(hashes, max_distance)
     rid = t[RID].to_numpy(zero_copy_only=False)
     indexed = t[INDEXED].to_numpy(zero_copy_only=False)
-    keep = ~(indexed[a] & indexed[b])
-    return pa.table({"u": pa.array(rid[a][keep]), "v": pa.array(rid[b][keep])})
+    keep = ~(indexed[a] & indexed[b]) & (rid[a] != rid[b])
+    u, v = rid[a][keep], rid[b][keep]
+    return pa.table({"u": pa.array(np.minimum(u, v)), "v": pa.array(np.maximum(u, v))})
 
 
 def phash_signatures(t: pa.Table, max_distance: int) -> pa.Table:
-    """One row per (alive row or index entry, band): ``_sig`` plus the row's ``_rid``, ``phash``, flag."""
+    """One row per (alive row or index entry, hash, band): ``_sig``, ``_rid``, ``phash``, ``_win``, flag.
+
+    Each row contributes its full hash and, where ``phash_windows`` is present and not null, its
+    window hashes (``_win`` true), each split into the same ``max_distance + 1`` bands.
+    """
     if INDEXED in t.column_names:
         take = t
     else:
         take = t.filter(pa.array(alive_mask(t) & pc.is_valid(t["phash"]).to_numpy(zero_copy_only=False)))
     n = take.num_rows
     indexed = take[INDEXED].to_numpy(zero_copy_only=False) if INDEXED in take.column_names else np.zeros(n, bool)
-    hashes = take["phash"].to_numpy(zero_copy_only=False).astype(np.int64)
-    sigs = band_signatures(hashes, max_distance) if n else np.zeros((0, max_distance + 1), np.int64)
+    rids = take[RID].to_numpy(zero_copy_only=False)
+    hashes = [take["phash"].to_numpy(zero_copy_only=False).astype(np.int64)]
+    owners, flags, wins = [np.arange(n)], [indexed], [np.zeros(n, bool)]
+    if WINDOWS in take.column_names and n:
+        col = take[WINDOWS].combine_chunks()
+        valid = np.nonzero(col.is_valid().to_numpy(zero_copy_only=False))[0]
+        if len(valid):
+            present = col.take(pa.array(valid))
+            values = present.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+            lengths = pc.list_value_length(present).to_numpy(zero_copy_only=False)
+            owner = np.repeat(valid, lengths)
+            hashes.append(values)
+            owners.append(owner)
+            flags.append(indexed[owner])
+            wins.append(np.ones(len(values), bool))
+    h, owner = np.concatenate(hashes), np.concatenate(owners)
+    sigs = band_signatures(h, max_distance) if len(h) else np.zeros((0, max_distance + 1), np.int64)
     bands = sigs.shape[1]
     return pa.table({
         "_sig": pa.array(sigs.reshape(-1)),
-        RID: pa.array(np.repeat(take[RID].to_numpy(zero_copy_only=False), bands)),
-        "phash": pa.array(np.repeat(hashes, bands)),
-        INDEXED: pa.array(np.repeat(indexed, bands)),
+        RID: pa.array(np.repeat(rids[owner], bands)),
+        "phash": pa.array(np.repeat(h, bands)),
+        IS_WINDOW: pa.array(np.repeat(np.concatenate(wins), bands)),
+        INDEXED: pa.array(np.repeat(np.concatenate(flags), bands)),
     })
 
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ground.layout import DATA, LEDGER, shard_tag
-from ground.schema import IMAGE_TYPE, output_schema
+from ground.schema import IMAGE_TYPE, PHASH_WINDOWS_TYPE, output_schema
 from ground.storage import filesystem, is_local, join
 from pipelines.ledger import Ledger
 
@@ -52,7 +52,9 @@ def table(rows: list[dict[str, Any]], shard: str) -> pa.Table:
             "clip_score", "clip_image_embedding"}):
         sample = next(r[name] for r in rows if name in r)
         typ = pa.string() if isinstance(sample, str) else pa.float32() if isinstance(sample, float) else None
-        if isinstance(sample, list):
+        if name == "phash_windows":
+            typ = PHASH_WINDOWS_TYPE
+        elif isinstance(sample, list):
             typ = pa.list_(pa.float16(), len(sample))
         extra_fields.append(pa.field(name, typ or pa.int64()))
     dim = len(rows[0]["clip_image_embedding"]) if rows else EMBED_DIM
@@ -61,7 +63,7 @@ def table(rows: list[dict[str, Any]], shard: str) -> pa.Table:
         ("meta", pa.string()), ("sha256", pa.string()), ("reject_reason", pa.string()), ("width", pa.int32()),
         ("height", pa.int32()), ("format", pa.string()), ("phash", pa.int64()), ("clip_score", pa.float32()),
         ("clip_image_embedding", pa.list_(pa.float16(), dim)), *extra_fields])
-    lists = [f.name for f in schema if pa.types.is_fixed_size_list(f.type)]
+    lists = [f.name for f in schema if pa.types.is_fixed_size_list(f.type) and pa.types.is_floating(f.type.value_type)]
     full = [{**r, "source_shard": shard, **{c: [np.float16(x) for x in r[c]] for c in lists if r.get(c) is not None}}
             for r in rows]
     return pa.Table.from_pylist(full, schema=schema)

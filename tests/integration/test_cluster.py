@@ -308,3 +308,42 @@ def test_image_submission_refuses_credentials_in_the_config(tmp_path):
     with pytest.raises(ConfigError, match=r"input\.storage_options\.secret") as err:
         build_submission(config_mod.validate(base, "<test>"), tmp_path)
     assert TEST_SECRET not in str(err.value)
+
+
+def _cluster_job_ids(cluster: LocalRayCluster) -> set[str]:
+    """Every job the cluster has seen, drivers that joined it included (type DRIVER)."""
+    r = requests.get(f"{cluster.address}/api/jobs/", timeout=30, headers={"Authorization": f"Bearer {cluster.token}"})
+    r.raise_for_status()
+    return {j.get("job_id") or j.get("submission_id") for j in r.json()}
+
+
+def test_run_without_an_address_starts_its_own_ray_even_when_the_address_file_names_a_live_cluster(
+        ray_cluster, tmp_path):
+    # As after `ray start --head` on this machine: Ray's address file (in Ray's default temp dir)
+    # names the live head. A short dir under /tmp: the private Ray's socket paths live below it.
+    lure = Path(tempfile.mkdtemp(prefix="mmc-lure-", dir="/tmp"))
+    try:
+        (lure / "ray").mkdir()
+        (lure / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{ray_cluster.gcs_port}")
+        env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_ADDRESS"}
+        env["RAY_TMPDIR"] = str(lure)
+        # The lure works: plain Ray's address discovery (ray.init() with no address) names the head.
+        probe = subprocess.run([sys.executable, "-c", "from ray._private.services import "
+                                "get_ray_address_from_environment as g; print(g(None, None))"],
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert probe.stdout.strip() == f"127.0.0.1:{ray_cluster.gcs_port}", probe.stderr[-2000:]
+
+        shards = make_webdataset_shards(tmp_path / "wds", n_shards=1, samples_per_shard=GOOD, seed=5)
+        config = tmp_path / "local.yaml"
+        config.write_text(yaml.safe_dump({
+            "name": "local-beside-a-cluster", "input": {"format": "webdataset", "paths": [str(p) for p in shards]},
+            "output": {"path": str(tmp_path / "out")}, "operators": [{"decode": {}}],
+            "ray": {"num_cpus": 1, "no_progress_timeout_s": 300}}))
+        jobs_before = _cluster_job_ids(ray_cluster)
+        run = mmcurate("run", str(config), env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "1 committed now" in run.stdout + run.stderr
+        # Nothing joined the cluster: a driver connecting to it would be listed as a job.
+        assert _cluster_job_ids(ray_cluster) == jobs_before
+    finally:
+        shutil.rmtree(lure, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 
 from operators.dedup import graph
 from pipelines.select import tables as T
@@ -104,6 +105,38 @@ def test_phash_signatures_put_near_hashes_in_a_shared_bucket():
         by_sig.setdefault(s, set()).add(r)
     assert any(g == {0, 1} for g in by_sig.values())
     assert not any(2 in g and len(g) > 1 for g in by_sig.values())
+
+
+def _bucket_edges(t: pa.Table, k: int) -> set[tuple[int, int]]:
+    """Signatures -> group by ``_sig`` -> confirmed pairs, as the select stage does on Ray."""
+    sigs = T.phash_signatures(t, k)
+    edges = set()
+    for sig in set(sigs["_sig"].to_pylist()):
+        group = sigs.filter(pa.compute.equal(sigs["_sig"], sig))
+        e = T.phash_bucket(group, k)
+        edges |= set(zip(e["u"].to_pylist(), e["v"].to_pylist()))
+    return edges
+
+
+def test_phash_window_hashes_link_a_crop_to_its_original_but_never_two_windows():
+    cfg = SelectConfig()
+    far = [(1 << 63) - 1 - i * 0x0F0F0F0F0F for i in range(9)]
+    rows = [
+        # "orig": its second window is 2 bits from the crop's full hash
+        {"key": "orig", "sha256": "o", "phash": 0x0F0F, "phash_windows": [far[0], 0x00FF_00FF, *far[2:]]},
+        {"key": "crop", "sha256": "c", "phash": 0x00FF_00FF ^ 0b11, "phash_windows": far},
+        # shares a window with "crop" exactly, but its full hash is far from everything
+        {"key": "corner", "sha256": "x", "phash": 0x5555_5555_5555, "phash_windows": [far[0]] * 9},
+        {"key": "old", "sha256": "y", "phash": 0x0F0F ^ 0b1, "phash_windows": None},  # annotated without windows
+    ]
+    for r in rows:
+        r.update(clip_score=0.5, width=8, height=8)
+    t = T.narrow(pa.Table.from_pylist(rows), 0, cfg, ["key", "sha256", "phash", T.WINDOWS])
+    rid = dict(zip(t["key"].to_pylist(), t[T.RID].to_pylist()))
+    edges = _bucket_edges(t, 6)
+    assert edges == {(rid["orig"], rid["crop"]), (rid["orig"], rid["old"])}
+    # without the window column only full hashes meet: the crop is missed
+    assert _bucket_edges(t.drop_columns([T.WINDOWS]), 6) == {(rid["orig"], rid["old"])}
 
 
 def test_components_decisions_choose_one_survivor_per_group():
