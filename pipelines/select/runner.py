@@ -46,7 +46,7 @@ from operators.dedup import graph
 from pipelines.config import RayConfig
 from pipelines.ledger import Ledger, ShardProgress
 from pipelines.select import tables as T
-from pipelines.select.config import SelectConfig, TopFraction
+from pipelines.select.config import SORT_SHUFFLE_MAX_ROWS, SelectConfig, TopFraction
 from pipelines.select.index import EXACT, PHASH, DedupIndex, semantic_kind
 
 logger = logging.getLogger(__name__)
@@ -93,13 +93,18 @@ def input_files(source: str, storage_options: dict[str, Any]) -> list[str]:
     Raises:
         ConfigError: ``source`` has no ledger (it is not a phase-1 output).
     """
+    return _scan_input(source, storage_options)[0]
+
+
+def _scan_input(source: str, storage_options: dict[str, Any]) -> tuple[list[str], int]:
+    """(:func:`input_files`, kept rows over those files as the phase-1 ledger records them)."""
     ledger = Ledger(source, storage_options)
     records = ledger.records()
     fs, root = filesystem(source, storage_options)
     if not records and not fs.exists(join(root, LEDGER)):
         raise ConfigError(f"--from {source}: no {LEDGER} there (not an mmcurate run output)")
     files = [to_url(fs, join(root, DATA, name)) for rec in records for name in rec["files"].get(DATA, [])]
-    return sorted(files)
+    return sorted(files), sum(int(rec.get("kept") or 0) for rec in records)
 
 
 def read_schema(url: str, storage_options: dict[str, Any]) -> pa.Schema:
@@ -594,7 +599,7 @@ def select(cfg: SelectConfig, source: str, target: str, source_options: dict[str
     run_id = run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     dhash = cfg.decision_hash()
     summary = SelectSummary(run_id=run_id, decision_hash=dhash)
-    files = input_files(source, source_options)
+    files, input_rows = _scan_input(source, source_options)
     summary.files_found = len(files)
     if files:
         cfg.check_schema(read_schema(files[0], source_options), files[0])
@@ -610,14 +615,18 @@ def select(cfg: SelectConfig, source: str, target: str, source_options: dict[str
             break
         done_plans.add(plan.plan_id)
         summary.plans += 1
-        _run_plan(cfg, plan, dst, index, source_options, target, target_options, run_id, dhash, summary, ray_config)
+        _run_plan(cfg, plan, dst, index, source_options, target, target_options, run_id, dhash, summary, ray_config,
+                  input_rows)
     summary.elapsed_s = time.time() - started
     dst.write_json(f"{RUNS}/{run_id}/stats.json", summary.to_dict())
     return summary
 
 
 def _run_plan(cfg: SelectConfig, plan: _Plan, dst: Ledger, index: DedupIndex | None, source_options, target,
-              target_options, run_id: str, dhash: str, summary: SelectSummary, ray_config: RayConfig | None) -> None:
+              target_options, run_id: str, dhash: str, summary: SelectSummary, ray_config: RayConfig | None,
+              input_rows: int) -> None:
+    from ray.data import DataContext
+
     from pipelines.runner import init_ray
 
     tags = {shard_tag(f) for f in plan.pending}
@@ -642,8 +651,34 @@ def _run_plan(cfg: SelectConfig, plan: _Plan, dst: Ledger, index: DedupIndex | N
         file_meta["annotate"] = json.loads(src_meta.get(MMCURATE_METADATA_KEY, b"{}"))
     except Exception:  # noqa: BLE001 - provenance of the input is informative
         pass
-    logger.info("select plan %s: %d input file(s), %d to commit, %d shuffle partition(s)", plan.plan_id,
-                len(plan.files), len(plan.pending), partitions)
+    strategy = shuffle_strategy(cfg.shuffle, input_rows)
+    logger.info("select plan %s: %d input file(s), %d to commit, %d shuffle partition(s), %s shuffle", plan.plan_id,
+                len(plan.files), len(plan.pending), partitions, strategy.value)
+    data_ctx = DataContext.get_current()
+    previous, data_ctx.shuffle_strategy = data_ctx.shuffle_strategy, strategy
+    try:
+        _execute_plan(ctx, plan, dst, index, file_meta, run_id, dhash, summary)
+    finally:
+        data_ctx.shuffle_strategy = previous
+
+
+def shuffle_strategy(choice: str, input_rows: int):
+    """The Ray Data ``ShuffleStrategy`` for ``select.shuffle`` (see SORT_SHUFFLE_MAX_ROWS).
+
+    ``hash`` is Ray's own default when that is a hash shuffle (``shuffle_v2`` in Ray 2.60), else
+    ``hash_shuffle``.
+    """
+    from ray.data.context import DataContext, ShuffleStrategy
+
+    sort = (ShuffleStrategy.SORT_SHUFFLE_PULL_BASED, ShuffleStrategy.SORT_SHUFFLE_PUSH_BASED)
+    if choice == "sort" or (choice == "auto" and input_rows < SORT_SHUFFLE_MAX_ROWS):
+        return ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    default = DataContext.get_current().shuffle_strategy
+    return default if default not in sort else ShuffleStrategy.HASH_SHUFFLE
+
+
+def _execute_plan(ctx: _Context, plan: _Plan, dst: Ledger, index: DedupIndex | None, file_meta: dict[str, Any],
+                  run_id: str, dhash: str, summary: SelectSummary) -> None:
     ds = _select_plan(ctx, index, file_meta)
     info = {"run_id": run_id, "plan_id": plan.plan_id, "decision_hash": dhash, "phase": "select"}
     progress: dict[str, ShardProgress] = {}

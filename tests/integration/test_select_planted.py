@@ -26,7 +26,7 @@ MIN_PRECISION = 0.99
 MIN_RECALL = 0.99
 
 
-def _planted_select(tmp_path, dedup: list[dict]) -> dict:
+def _planted_select(tmp_path, dedup: list[dict], **extra) -> tuple[dict, dict]:
     samples = planted_samples(12, seed=5)
     shards: dict[str, list] = {}
     for i, s in enumerate(samples):
@@ -36,15 +36,19 @@ def _planted_select(tmp_path, dedup: list[dict]) -> dict:
             row(s["key"], s["image"], text=s["text"], phash=full, phash_windows=windows, width=img.width,
                 height=img.height))
     write_annotated_output(str(tmp_path / "out"), shards)
-    cfg = SelectConfig.model_validate({"dedup": dedup, "survivor_order": ["-pixels"], "index": False})
+    cfg = SelectConfig.model_validate({"dedup": dedup, "survivor_order": ["-pixels"], "index": False, **extra})
     select(cfg, str(tmp_path / "out"), str(tmp_path / "cur"))
-    return score(samples, read_verdicts(tmp_path / "cur"))
+    verdicts = read_verdicts(tmp_path / "cur")
+    return score(samples, verdicts), verdicts
 
 
 def test_exact_and_phash_find_planted_duplicates_crops_included_with_high_precision(ray_session, tmp_path):
-    result = _planted_select(tmp_path, [{"exact": {}}, {"phash": {}}])
+    result, verdicts = _planted_select(tmp_path / "auto", [{"exact": {}}, {"phash": {}}])
     assert result["precision_all"] >= MIN_PRECISION, result
     assert result["negatives_flagged"] == 0, result
     for kind in ("exact", "reencode", "resize", "jitter", "crop"):
         assert result["recall_by_kind"][kind] >= MIN_RECALL, (kind, result)
 
+    # The same verdicts, survivors included, through Ray's actor-based hash shuffle (what `shuffle: auto`
+    # picks for large inputs) as through the sort shuffle small inputs get.
+    assert _planted_select(tmp_path / "hash", [{"exact": {}}, {"phash": {}}], shuffle="hash")[1] == verdicts

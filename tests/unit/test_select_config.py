@@ -89,3 +89,19 @@ def test_cli_unparsable_rule_exits_2_naming_file_and_rule(tmp_path):
     assert res.returncode == 2
     err = res.stderr.strip().splitlines()[-1]
     assert err.startswith("mmcurate: error:") and "sel.yaml" in err and "rules[1]" in err
+
+
+def test_shuffle_auto_sorts_small_inputs_and_hashes_large_ones_and_an_explicit_choice_wins():
+    from ray.data.context import ShuffleStrategy
+
+    from pipelines.select.config import SORT_SHUFFLE_MAX_ROWS
+    from pipelines.select.runner import shuffle_strategy
+
+    assert shuffle_strategy("auto", 1_000) == ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    assert shuffle_strategy("auto", SORT_SHUFFLE_MAX_ROWS) not in (ShuffleStrategy.SORT_SHUFFLE_PULL_BASED,
+                                                                   ShuffleStrategy.SORT_SHUFFLE_PUSH_BASED)
+    assert shuffle_strategy("hash", 10) not in (ShuffleStrategy.SORT_SHUFFLE_PULL_BASED,
+                                                ShuffleStrategy.SORT_SHUFFLE_PUSH_BASED)
+    assert shuffle_strategy("sort", 10**12) == ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    # how rows are shuffled never changes which rows survive
+    assert SelectConfig(shuffle="hash").decision_hash() == SelectConfig().decision_hash()
