@@ -24,6 +24,8 @@ import pytest
 import yaml
 
 from jobs.sample_data import make_webdataset_shards
+from pipelines import config as config_mod
+from pipelines.runner import run
 from tests.conftest import TEST_KEY, TEST_SECRET
 from tests.faultproxy import FaultProxy, Rule
 from tests.helpers import ledger_records, row_list
@@ -40,7 +42,7 @@ WAIT_S = 240
 # Ray gives a new node a fixed 30 s to register, which a machine shared by many jobs can miss;
 # a run that dies of exactly that before doing anything is started again, this many times.
 START_ATTEMPTS = 5
-# Five `mmcurate run` processes each start their own Ray; on a loaded 2-core machine that
+# Four `mmcurate run` processes each start their own Ray; on a loaded 2-core machine that
 # passes the suite's default 600 s timeout (pyproject.toml), so these tests get more.
 RUN_TIMEOUT_S = 1800
 RAY_START_TIMEOUT = "timed out during startup"
@@ -107,6 +109,13 @@ def _start_until(config: Path, reached, what: str) -> subprocess.Popen:
     raise AssertionError("unreachable")
 
 
+def _reference(config: Path) -> None:
+    """The uninterrupted run to compare with: the same config, run in this process on the
+    session's Ray (the reference is not what is under test; the killed subprocess runs are)."""
+    summary = run(config_mod.load(config))
+    assert not summary.failed_shards and summary.shards_committed > 0, summary
+
+
 def _check_committed_output(fs, out: str, reference: list[tuple], n_shards: int) -> None:
     """The rows equal the reference; every shard committed once; no file outside a ledger record."""
     assert row_list(fs, out) == reference
@@ -136,15 +145,15 @@ def _kill_after(config: Path, ledger: Path, at_least: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(RUN_TIMEOUT_S)
-def test_sigkill_on_local_disk_then_rerun_matches_uninterrupted_run(tmp_path):
+def test_sigkill_on_local_disk_then_rerun_matches_uninterrupted_run(ray_session, tmp_path):
     n_shards = 6
     shards = tmp_path / "shards"
     make_webdataset_shards(shards, n_shards=n_shards, samples_per_shard=GOOD, seed=7)
     fs = fsspec.filesystem("file")
 
-    # Reference: one uninterrupted run of the same command.
+    # Reference: one uninterrupted run of the same config.
     ref_out = tmp_path / "ref"
-    _finish(_write_config(tmp_path / "ref.yaml", [str(shards / "*.tar")], str(ref_out)))
+    _reference(_write_config(tmp_path / "ref.yaml", [str(shards / "*.tar")], str(ref_out)))
     reference = row_list(fs, str(ref_out))
     assert len(reference) == n_shards * (GOOD + BAD)
 
@@ -168,15 +177,15 @@ def _held_target(proxy: FaultProxy, rule: Rule) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(RUN_TIMEOUT_S)
-def test_sigkill_on_s3_at_ledger_publish_and_read_then_rerun_matches(s3, s3_server, tmp_path):
+def test_sigkill_on_s3_at_ledger_publish_and_read_then_rerun_matches(ray_session, s3, s3_server, tmp_path):
     fs, opts, bucket = s3
     n_shards = 5
     for p in make_webdataset_shards(tmp_path / "wds", n_shards=n_shards, samples_per_shard=GOOD, seed=11):
         fs.put_file(str(p), f"{bucket}/in/{p.name}")
     paths = [f"s3://{bucket}/in/*.tar"]
 
-    # Reference: one uninterrupted run of the same command, straight to the moto server.
-    _finish(_write_config(tmp_path / "ref.yaml", paths, f"s3://{bucket}/ref", opts, opts))
+    # Reference: one uninterrupted run of the same config, straight to the moto server.
+    _reference(_write_config(tmp_path / "ref.yaml", paths, f"s3://{bucket}/ref", opts, opts))
     reference = row_list(fs, f"{bucket}/ref")
     assert len(reference) == n_shards * (GOOD + BAD)
 
