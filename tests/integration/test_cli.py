@@ -10,7 +10,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -164,22 +163,4 @@ def test_run_against_s3_with_aws_endpoint_url_env_and_summary(s3, tmp_path):
     assert len(fs.find(f"{bucket}/out/_mmcurate/ledger")) == 2
 
 
-@pytest.mark.slow
-def test_demo_from_nothing(tmp_path):
-    proc = mmcurate("demo", "--output", str(tmp_path / "demo"), "--shards", "2", "--samples", "6")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "shards: 2 found" in proc.stdout
-    files = list((tmp_path / "demo" / "out" / "data").glob("*.parquet"))
-    assert files
-    assert sum(pq.read_metadata(f).num_rows for f in files) == 12
-    # The demo embeds, captions and scores with tiny models labelled as random weights.
-    table = pq.read_table(files[0])
-    for col in ("clip_image_embedding", "clip_text_embedding", "clip_score", "caption_vitgpt2", "aesthetic_score"):
-        assert table[col].null_count == 0, col
-    assert table.schema.field("clip_image_embedding").type.value_type == "halffloat"
-    models = json.loads(table.schema.metadata[b"mmcurate"])["models"]
-    assert models["caption_vitgpt2"]["random_weights"] is True
-    assert set(models["clip_image_embedding"]["weights_sha256"]) == {"model.safetensors"}
-    # Rerunning the demo resumes: nothing left to do.
-    again = mmcurate("demo", "--output", str(tmp_path / "demo"), "--shards", "2", "--samples", "6")
-    assert again.returncode == 0 and "0 committed now" in again.stdout
+# The demo command itself runs in tests/integration/test_packaging.py, from the installed wheel.
