@@ -46,7 +46,7 @@ def load_select(path: Path, overrides: list[str]) -> tuple[Any, Any, str | None]
         ray_cfg = config_mod.RayConfig.model_validate(data.get("ray") or {}) if "select" in data else None
     except ValidationError as exc:
         prefix = ("select",) if "select" in data else ()
-        raise config_mod._config_error(exc, section, str(path), prefix=prefix) from None
+        raise config_mod.config_error(exc, section, str(path), prefix=prefix) from None
     return select_cfg, ray_cfg, None
 
 

@@ -166,7 +166,7 @@ def validate(data: dict[str, Any], source: str = "<config>") -> PipelineConfig:
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise _config_error(exc, data, source, prefix=()) from None
+        raise config_error(exc, data, source, prefix=()) from None
     for i, entry in enumerate(cfg.operators):
         (name, raw), = entry.items()
         if name not in registry.names():
@@ -176,11 +176,12 @@ def validate(data: dict[str, Any], source: str = "<config>") -> PipelineConfig:
         try:
             registry.get(name).Config.model_validate(raw or {})
         except ValidationError as exc:
-            raise _config_error(exc, raw or {}, source, prefix=("operators", i, name)) from None
+            raise config_error(exc, raw or {}, source, prefix=("operators", i, name)) from None
     return cfg
 
 
-def _config_error(exc: ValidationError, data: Any, source: str, prefix: tuple) -> ConfigError:
+def config_error(exc: ValidationError, data: Any, source: str, prefix: tuple) -> ConfigError:
+    """One-line ConfigError for a pydantic error: the file, the dotted key and the offending value."""
     err = exc.errors()[0]
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     key = _loc(prefix + loc)

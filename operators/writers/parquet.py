@@ -106,9 +106,9 @@ class StagingParquetWriter:
                 if rows.num_rows == 0:
                     continue
                 if kind == REJECTED and not self.output.get("rejected_image_bytes", False):
-                    rows = _drop_image_bytes(rows)
-                for chunk in self._chunks(rows):
-                    records.append(self._write(shard, kind, chunk))
+                    rows = drop_image_bytes(rows)
+                for chunk in self.chunks(rows):
+                    records.append(self.write_staged(shard, kind, chunk))
             # The row total travels on one record of the shard even if every row went one way.
             if records and (shard_rows is not None or damage):
                 for rec in records:
@@ -117,7 +117,7 @@ class StagingParquetWriter:
                         break
         return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
 
-    def _chunks(self, rows: pa.Table) -> list[pa.Table]:
+    def chunks(self, rows: pa.Table) -> list[pa.Table]:
         """Consecutive slices whose estimated size stays under the target (at least one row each)."""
         target = float(self.output.get("target_file_size_mb", 256)) * 1024 * 1024
         if rows.nbytes <= target:
@@ -136,7 +136,8 @@ class StagingParquetWriter:
         chunks.append(rows.slice(start))
         return chunks
 
-    def _write(self, shard: str, kind: str, rows: pa.Table) -> dict[str, Any]:
+    def write_staged(self, shard: str, kind: str, rows: pa.Table) -> dict[str, Any]:
+        """Write ``rows`` as one staged file of ``shard``'s ``kind``; returns its writer record."""
         schema = output_schema(rows.schema, self.file_meta)
         table = rows.select(schema.names).cast(schema)
         path = join(self.root, STAGING, shard_tag(shard), kind, f"{self.run_id}-{uuid.uuid4().hex[:12]}.parquet")
@@ -293,7 +294,8 @@ def merge_shard_parts(output: dict[str, Any], tag: str, kind: str, parts: list[s
     return retry(write_all, f"merge {kind} parts of {tag}")
 
 
-def _drop_image_bytes(rows: pa.Table) -> pa.Table:
+def drop_image_bytes(rows: pa.Table) -> pa.Table:
+    """``rows`` with every image's bytes nulled and its path kept (rejected rows by default)."""
     images = rows["image"].combine_chunks()
     if len(images) == 0:
         return rows

@@ -430,7 +430,7 @@ def _semantic(ds, proto: pa.Table, name: str, method, index: DedupIndex | None, 
 
 def _write_fn(ctx: _Context, file_meta: dict[str, Any]):
     """map_groups over ``_fid``: write one input file's outputs and index entries to staging."""
-    from operators.writers.parquet import StagingParquetWriter, _drop_image_bytes
+    from operators.writers.parquet import StagingParquetWriter, drop_image_bytes
 
     methods = dict(ctx.cfg.methods())
     empty = pa.Table.from_pylist([], schema=_record_schema())
@@ -459,9 +459,9 @@ def _write_fn(ctx: _Context, file_meta: dict[str, Any]):
             if rows.num_rows == 0:
                 continue
             if kind == REJECTED and "image" in rows.column_names:
-                rows = _drop_image_bytes(rows)
-            for chunk in writer._chunks(rows):
-                records.append(writer._write(url, kind, chunk))
+                rows = drop_image_bytes(rows)
+            for chunk in writer.chunks(rows):
+                records.append(writer.write_staged(url, kind, chunk))
         records[0]["shard_rows"] = full.num_rows
         _stage_index(ctx, methods, tag, dec, full)
         return pa.Table.from_pylist(records, schema=_record_schema())

@@ -83,6 +83,24 @@ def test_garbage_parquet_is_damaged_and_a_non_string_coco_caption_is_a_row_rejec
     assert [Path(s).name for s in summary.damaged_shards] == ["garbage.parquet"]
     assert "not a readable Parquet file" in next(iter(summary.damaged_shards.values()))
     assert len(read_rows(fs, out, "data")) == 3
+    assert summary.rows_lost == 0  # no footer: how many rows the garbage held is not knowable
+
+    # A readable footer, but the second row group's page header is overwritten: the first row
+    # group's rows are kept and the rows past the damage are counted as lost, everywhere.
+    pq.write_table(pa.table({"image": [{"bytes": images[i % 3], "path": f"{i}.jpg"} for i in range(6)],
+                             "text": [f"picture {i}" for i in range(6)]}), tmp_path / "rg.parquet", row_group_size=3)
+    data = bytearray((tmp_path / "rg.parquet").read_bytes())
+    offset = pq.read_metadata(tmp_path / "rg.parquet").row_group(1).column(0).data_page_offset
+    data[offset:offset + 48] = b"\xff" * 48
+    (tmp_path / "pq2").mkdir()
+    (tmp_path / "pq2" / "torn.parquet").write_bytes(bytes(data))
+    out = str(tmp_path / "out-torn")
+    summary = run(make_config([str(tmp_path / "pq2" / "torn.parquet")], out, fmt="parquet", block_rows=3))
+    assert summary.exit_code == 0 and summary.rows_lost == 3, summary
+    assert "Parquet damaged after 3 rows" in next(iter(summary.damaged_shards.values()))
+    assert ledger_records(fs, out)[0]["rows_lost"] == 3
+    assert json.loads(Path(out, "_mmcurate", "runs", summary.run_id, "stats.json").read_text())["rows_lost"] == 3
+    assert len(read_rows(fs, out, "data")) == 3
 
     (tmp_path / "img").mkdir()
     for i, b in enumerate(images):
