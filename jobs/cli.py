@@ -206,11 +206,28 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _stop_ray_output() -> None:
+    """Shut down this process's Ray before the final error line is printed.
+
+    Ray forwards worker output to the driver's stderr from a background thread; a worker's last
+    words (its own log line about the same failure) could otherwise land after the one-line error,
+    which must be the last line a scheduler's log shows. Ray is never imported here.
+    """
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - exiting anyway; the error line matters more
+            logger.debug("ray.shutdown failed", exc_info=True)
+    sys.stderr.flush()
+
+
 def main() -> None:
     """Console entry point: one-line errors for config and systemic faults."""
     try:
         app()
     except MmcurateError as exc:
+        _stop_ray_output()
         typer.echo(f"mmcurate: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
@@ -218,6 +235,7 @@ def main() -> None:
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - systemic faults: one line, traceback only at DEBUG
         logger.debug("traceback", exc_info=True)
+        _stop_ray_output()
         cause = root_cause(exc)
         if isinstance(cause, MmcurateError):  # raised inside a Ray task and wrapped on the way out
             typer.echo(f"mmcurate: error: {cause}", err=True)
