@@ -18,6 +18,7 @@ from typing import Optional
 import typer
 
 from ground.errors import MmcurateError
+from jobs.clikit import echo_counts
 from jobs.clikit import setup_logging as _setup_logging
 from jobs.models import models_app
 
@@ -46,11 +47,7 @@ def print_summary(summary, output: str | None = None) -> None:
     typer.echo("")
     typer.echo(f"run {d['run_id']}  pipeline={d['pipeline']}  config={d['config_hash']}")
     s = d["shards"]
-    typer.echo(f"shards: {s['found']} found, {s['skipped_committed']} already committed, {s['committed']} committed now")
-    typer.echo(f"rows:   {d['rows_in']} in, {d['kept']} kept, {d['rejected']} rejected "
-               f"({d['rows_per_s']:.1f} rows/s over {d['elapsed_s']:.1f}s)")
-    for reason, n in d["rejected_by_reason"].items():
-        typer.echo(f"        {n:>8}  {reason}")
+    echo_counts("shards", s, d)
     typer.echo(f"outcome: {s['committed']} committed ({s['damaged']} damaged), {s['failed']} failed, "
                f"{s['quarantined']} quarantined; {d['rows_lost']} row(s) known lost")
     # One line per shard that needs a person's eye, so a scheduler's mail names every one.

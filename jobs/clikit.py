@@ -34,3 +34,15 @@ def storage_options_option(text: str | None) -> dict[str, Any]:
     if not isinstance(options, dict):
         fail("--storage-options must be a JSON object")
     return options
+
+
+def echo_counts(label: str, units: dict[str, Any], d: dict[str, Any]) -> None:
+    """The summary lines a run and a select share: units (``shards``/``files``) found, skipped and
+    committed; rows in, kept, rejected with the rate; then the rejects by reason, aligned."""
+    width = len(label) + 2
+    typer.echo(f"{label}: {units['found']} found, {units['skipped_committed']} already committed, "
+               f"{units['committed']} committed now")
+    typer.echo(f"{'rows:':<{width}}{d['rows_in']} in, {d['kept']} kept, {d['rejected']} rejected "
+               f"({d['rows_per_s']:.1f} rows/s over {d['elapsed_s']:.1f}s)")
+    for reason, n in d["rejected_by_reason"].items():
+        typer.echo(f"{'':<{width}}{n:>8}  {reason}")

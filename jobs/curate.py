@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from ground.errors import ConfigError
-from jobs.clikit import setup_logging
+from jobs.clikit import echo_counts, setup_logging
 
 
 def load_select(path: Path, overrides: list[str]) -> tuple[Any, Any, str | None]:
@@ -54,12 +54,7 @@ def print_select_summary(summary) -> None:
     d = summary.to_dict()
     typer.echo("")
     typer.echo(f"select {d['run_id']}  decisions={d['decision_hash']}")
-    f = d["files"]
-    typer.echo(f"files: {f['found']} found, {f['skipped_committed']} already committed, {f['committed']} committed now")
-    typer.echo(f"rows:  {d['rows_in']} in, {d['kept']} kept, {d['rejected']} rejected "
-               f"({d['rows_per_s']:.1f} rows/s over {d['elapsed_s']:.1f}s)")
-    for reason, n in d["rejected_by_reason"].items():
-        typer.echo(f"       {n:>8}  {reason}")
+    echo_counts("files", d["files"], d)
 
 
 def run_select(select_cfg, ray_cfg, source: str | None, target: str | None):
