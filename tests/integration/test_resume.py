@@ -195,8 +195,10 @@ def test_sigkill_on_s3_at_ledger_publish_and_read_then_rerun_matches(ray_session
         out = f"{bucket}/out"
         config = _write_config(tmp_path / "resume.yaml", paths, f"s3://{out}", via_proxy, via_proxy)
 
-        # 1. Between publish and ledger: hold the second shard's ledger record PUT.
-        rule = proxy.add_rule("hold", method="PUT", path=r"_mmcurate/ledger/[^/?]+\.json", skip=1)
+        # 1. Between publish and ledger: hold the second shard's ledger record PUT, and every later
+        # one (the committer publishes several shards in parallel: a third shard's record must not
+        # slip past while the second is held).
+        rule = proxy.add_rule("hold", method="PUT", path=r"_mmcurate/ledger/[^/?]+\.json", skip=1, times=None)
         proc = _held(config, rule)
         tag = re.search(r"_mmcurate/ledger/([^/?]+)\.json", _held_target(proxy, rule)).group(1)
         fs.invalidate_cache()
