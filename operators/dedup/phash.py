@@ -63,14 +63,7 @@ _DCT_LOW = _dct_matrix(DCT_INPUT_SIDE)[:LOW_FREQ_SIDE]
 def _hash_small(small: Image.Image) -> int:
     """The pHash bits of a 32x32 8-bit grayscale image (steps 2-4 of the module docstring)."""
     pixels = np.asarray(small, dtype=np.float64)
-    low = _DCT_LOW @ pixels @ _DCT_LOW.T
-    # Coefficients that are zero in exact arithmetic (flat or mirror-symmetric pictures) come out
-    # as +-1e-12 rounding noise; left alone, that noise would set bits at random. Real coefficients
-    # of 8-bit pixels are many orders of magnitude larger.
-    low[np.abs(low) < _ROUNDING_NOISE] = 0.0
-    bits = (low > np.median(low)).reshape(-1)
-    # packbits is MSB-first within each byte, so big-endian bytes put coefficient 0 at bit 63
-    return int.from_bytes(np.packbits(bits).tobytes(), "big", signed=True)
+    return int(_bits_to_int64((_DCT_LOW @ pixels @ _DCT_LOW.T)[None])[0])
 
 
 def _gray(img: Image.Image) -> Image.Image:
@@ -119,10 +112,14 @@ assert _WINDOW_STEP * DCT_INPUT_SIDE == _WINDOW_PIXELS and max(_WINDOW_ORIGINS) 
 
 
 def _bits_to_int64(low: np.ndarray) -> np.ndarray:
-    """Median-threshold bits of ``[n, 8, 8]`` DCT blocks packed as int64 (same rule as phash64)."""
+    """Median-threshold bits of ``[n, 8, 8]`` DCT blocks, packed as int64 (steps 3-4, one per block)."""
     flat = low.reshape(len(low), -1).copy()
+    # Coefficients that are zero in exact arithmetic (flat or mirror-symmetric pictures) come out
+    # as +-1e-12 rounding noise; left alone, that noise would set bits at random. Real coefficients
+    # of 8-bit pixels are many orders of magnitude larger.
     flat[np.abs(flat) < _ROUNDING_NOISE] = 0.0
     bits = flat > np.median(flat, axis=1, keepdims=True)
+    # packbits is MSB-first within each byte, so big-endian bytes put coefficient 0 at bit 63
     return np.packbits(bits, axis=1).view(">i8").reshape(-1).astype(np.int64)
 
 
