@@ -26,6 +26,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -43,7 +44,8 @@ logger = logging.getLogger(__name__)
 ROW_GROUP_TARGET_BYTES = 128 * 1024 * 1024
 # ...and at most a quarter of the target file size, so a file (closed at the first row group that
 # takes it past the target) overshoots the target by at most a quarter: 64 MiB groups and files
-# of 256-320 MiB with the default target_file_size_mb of 256.
+# of 256-320 MiB with the default target_file_size_mb of 256. Groups are cut on each row's own
+# size (``row_bytes``), so only a single row larger than a group makes a larger one.
 ROW_GROUP_FILE_FRACTION = 0.25
 # A cap for narrow rows (rejected/ without image bytes): DuckDB's default row group size.
 ROW_GROUP_MAX_ROWS = 122_880
@@ -122,17 +124,12 @@ class StagingParquetWriter:
         target = float(self.output.get("target_file_size_mb", 256)) * 1024 * 1024
         if rows.nbytes <= target:
             return [rows]
-        # Image bytes are already compressed, so their length is a fair estimate of what a row
-        # costs on disk; the other columns are spread evenly.
-        image_bytes = pc.fill_null(pc.binary_length(pc.struct_field(rows["image"], "bytes")), 0)
-        image_bytes = image_bytes.to_numpy(zero_copy_only=False).astype("float64")
-        other = max(rows.nbytes - image_bytes.sum(), 0) / rows.num_rows
         chunks, start, size = [], 0, 0.0
-        for i, b in enumerate(image_bytes):
-            if i > start and size + b + other > target:
+        for i, b in enumerate(row_bytes(rows)):
+            if i > start and size + b > target:
                 chunks.append(rows.slice(start, i - start))
                 start, size = i, 0.0
-            size += b + other
+            size += b
         chunks.append(rows.slice(start))
         return chunks
 
@@ -158,6 +155,25 @@ class StagingParquetWriter:
         return {"shard": shard, "kind": kind, "path": path, "rows": table.num_rows, "bytes": size,
                 "reasons": json.dumps(dict(reasons)), "shard_rows": None, "shard_damage": None,
                 "shard_marker": None}
+
+
+def row_bytes(rows: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """Each row's estimated size on disk: its image bytes plus an even share of the other columns.
+
+    Image bytes are already compressed, so their length is a fair estimate of what they cost in
+    the file, and they dominate a row; one photo can be larger than a whole row group of the
+    rest, so sizing by the batch average would put it in a group the size of many.
+    """
+    n = rows.num_rows
+    if n == 0:
+        return np.zeros(0)
+    if "image" in rows.schema.names and pa.types.is_struct(rows.schema.field("image").type):
+        image = pc.fill_null(pc.binary_length(pc.struct_field(rows["image"], "bytes")), 0)
+        image = image.to_numpy(zero_copy_only=False).astype("float64")
+    else:
+        image = np.zeros(n)
+    other = max(rows.nbytes - image.sum(), 0.0) / n
+    return image + other
 
 
 def row_group_rows(table: pa.Table, target_bytes: int = ROW_GROUP_TARGET_BYTES,
@@ -196,7 +212,8 @@ def merge_shard_parts(output: dict[str, Any], tag: str, kind: str, parts: list[s
     file size, whichever is smaller; at most ``max_group_rows`` rows) and appends them to the current
     file, which is closed once it reaches ``output["target_file_size_mb"]``. Every file but the
     last is therefore at least the target, so a kind ends with at most
-    ``ceil(bytes / target) + 1`` files; a file exceeds the target by less than one row group.
+    ``ceil(bytes / target) + 1`` files; a file exceeds the target by less than one row group,
+    which is at most ``row_group_bytes`` or a single row larger than that.
     Memory: one staged part (at most one writer batch) plus one row group, never the shard.
 
     Files are written straight to their final names ``<tag>-<seq>.parquet``: the ledger record
@@ -275,15 +292,21 @@ def merge_shard_parts(output: dict[str, Any], tag: str, kind: str, parts: list[s
             for batch in source.iter_batches(batch_size=8192):
                 if batch.schema != schema:
                     batch = pa.Table.from_batches([batch]).cast(schema).to_batches()[0]
+                # A group ends before the row that would take it past row_group_bytes (it
+                # holds at least one row), so a group exceeds that only by being one large row.
+                ends = np.cumsum(row_bytes(batch))
                 offset = 0
                 while offset < batch.num_rows:
-                    per_row = max(batch.nbytes / batch.num_rows, 1.0)
-                    room_rows = min(max_group_rows - pending_rows,
-                                    max(1, int((row_group_bytes - pending_bytes) // per_row)))
+                    base = ends[offset - 1] if offset else 0.0
+                    fits = int(np.searchsorted(ends, base + row_group_bytes - pending_bytes, side="right")) - offset
+                    room_rows = min(max_group_rows - pending_rows, max(1, fits) if not pending_rows else fits)
+                    if room_rows <= 0:
+                        flush_group()
+                        continue
                     piece = batch.slice(offset, room_rows)
                     pending.append(piece)
                     pending_rows += piece.num_rows
-                    pending_bytes += int(per_row * piece.num_rows)
+                    pending_bytes += int(ends[offset + room_rows - 1] - base)
                     offset += piece.num_rows
                     if pending_rows >= max_group_rows or pending_bytes >= row_group_bytes:
                         flush_group()

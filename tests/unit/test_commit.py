@@ -88,6 +88,39 @@ def test_merge_streams_many_small_parts_into_few_files_with_full_row_groups(tmp_
     assert rows_seen == staged_keys and len(rows_seen) == 3000
 
 
+def test_merge_sizes_row_groups_by_each_rows_bytes_so_one_large_photo_does_not_swell_a_group(tmp_path):
+    # Mostly 1 KB images with a 150 KB one every 10th row: the batch average (~16 KB) would let
+    # six rows into a 100 KB group, big one included. Groups are cut on each row's own bytes.
+    out = tmp_path / "out"
+    cfg = output_cfg(out, target_mb=0.4)
+    writer = StagingParquetWriter(cfg, "run1", FILE_META)
+    shard = "/in/00000.tar"
+    progress = ShardProgress(shard)
+    for start in range(0, 200, 50):
+        batch = shard_batch(shard, start, 50, 200 if start == 150 else None)
+        images = [{"bytes": os.urandom(150_000 if (start + i) % 10 == 3 else 1_000), "path": f"{start + i}.jpg"}
+                  for i in range(50)]
+        batch = batch.set_column(batch.schema.get_field_index("image"), "image", pa.array(images, IMAGE_TYPE))
+        for rec in writer(batch).to_pylist():
+            progress.add(rec)
+    assert progress.complete
+    group_bytes = 100_000
+    files = merge_shard_parts(cfg, shard_tag(shard), "data", sorted(progress.files["data"]),
+                              row_group_bytes=group_bytes)
+    target = 0.4 * 1024 * 1024
+    rows = 0
+    for f in files:
+        pf = pq.ParquetFile(out / "data" / f["name"])
+        for g in range(pf.num_row_groups):
+            images = pf.read_row_group(g, columns=["image"])["image"].to_pylist()
+            sizes = [len(i["bytes"]) for i in images]
+            rows += len(sizes)
+            assert len(sizes) == 1 or sum(sizes) <= group_bytes, sizes
+        # Over the target by at most one group: here a 150 KB photo plus its few small rows' share.
+        assert f["bytes"] < target + 150_000 + 16 * 1024
+    assert rows == 200 and all(f["bytes"] >= target for f in files[:-1])
+
+
 def test_parts_are_merged_only_when_publishing_them_as_they_are_would_break_the_bound():
     mb = 1024 * 1024
     assert not parts_need_merge([10], 256 * mb)  # one small part: one file
