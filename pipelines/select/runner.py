@@ -58,6 +58,8 @@ MAX_DEFAULT_PARTITIONS = 200
 # Sample rows are picked by a hash of their row id: deterministic, spread over every file.
 _SAMPLE_MODULUS = 1 << 20
 SELECT_NUM_CPUS = 0.5
+# Entries per shuffle bucket of a dedup step (a narrow row is ~100 bytes: ~200 MB a bucket).
+ROWS_PER_BUCKET = 2_000_000
 # Columns read when a file has them: outputs annotated before decode added window hashes lack them.
 _OPTIONAL_COLUMNS = (T.WINDOWS,)
 
@@ -139,7 +141,8 @@ class _Context:
     """What the Ray stages of one plan share (picklable)."""
 
     def __init__(self, cfg: SelectConfig, files: list[str], pending: set[int], source_options: dict[str, Any],
-                 target: str, target_options: dict[str, Any], run_id: str, plan_id: str, partitions: int):
+                 target: str, target_options: dict[str, Any], run_id: str, plan_id: str, partitions: int,
+                 input_rows: int = 0):
         self.cfg = cfg
         self.files = files
         self.pending = pending
@@ -149,7 +152,13 @@ class _Context:
         self.run_id = run_id
         self.plan_id = plan_id
         self.partitions = partitions
+        self.input_rows = input_rows
         self.n_order = len(cfg.order())
+
+    def buckets(self, entries_per_row: int = 1) -> int:
+        """Shuffle buckets for a step that shuffles ``entries_per_row`` entries per input row:
+        at least one per partition, and few enough entries in each that one fits a worker."""
+        return max(self.partitions, math.ceil(self.input_rows * entries_per_row / ROWS_PER_BUCKET))
 
 
 def _read_file_fn(ctx: _Context):
@@ -190,6 +199,22 @@ def _groups(ds, key: str, fn, ctx: _Context):
         fn, batch_format="pyarrow", num_cpus=SELECT_NUM_CPUS)
 
 
+def _bucketed(ds, key: str, fn, ctx: _Context, entries_per_row: int = 1):
+    """Bring all rows of each ``key`` together for ``fn``, which handles many keys at once.
+
+    Ray's map_groups calls its function once per key, and dedup keys are nearly all distinct
+    (a sha256, an LSH band value): a million keys would be a million Python calls building
+    tiny tables. Grouping on a hash bucket of the key instead calls ``fn`` once per bucket, and
+    ``fn`` finds the keys' groups inside it with array operations.
+    """
+    n = ctx.buckets(entries_per_row)
+
+    def add_bucket(t: pa.Table) -> pa.Table:
+        return t.append_column(T.BUCKET, T.shuffle_bucket(t[key], n))
+
+    return _groups(_map(ds, add_bucket), T.BUCKET, fn, ctx)
+
+
 def _block_refs(ds) -> list[tuple[Any, int]]:
     """(block ref, rows) of a materialized dataset, in its order."""
     out = []
@@ -210,10 +235,8 @@ def _top_fraction(ds, rule: TopFraction, ctx: _Context):
         values = pc.cast(t[rule.column], pa.float64())
         null_value = pc.is_null(values).to_numpy(zero_copy_only=False) & T.alive_mask(t)
         if null_value.any():  # a row without the value cannot be ranked: the rule rejects it
-            reasons = t[T.REASON].to_pylist()
-            for i in np.nonzero(null_value)[0]:
-                reasons[i] = rule.reason
-            t = t.set_column(t.column_names.index(T.REASON), T.REASON, pa.array(reasons, pa.string()))
+            reasons = pc.if_else(pa.array(null_value), pa.scalar(rule.reason, pa.string()), t[T.REASON])
+            t = t.set_column(t.column_names.index(T.REASON), T.REASON, reasons)
         groups = pc.fill_null(pc.cast(t[rule.by], pa.string()), "") if rule.by else pa.array([""] * t.num_rows)
         t = t.append_column(group_col, groups)
         t = t.append_column(value_col, pc.fill_null(values, -math.inf))
@@ -265,7 +288,7 @@ def _exact(ds, proto: pa.Table, method, index: DedupIndex | None, exclude: set[s
         parts.append(ray.data.from_arrow(T.conform(idx, add_key(proto).schema)))
     union = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     n_order = ctx.n_order
-    return _groups(union, T.XKEY, lambda g: T.exact_group(g, n_order), ctx)
+    return _bucketed(union, T.XKEY, lambda g: T.exact_groups(g, n_order), ctx)
 
 
 def _phash(ds, proto: pa.Table, method, index: DedupIndex | None, exclude: set[str], ctx: _Context):
@@ -295,7 +318,8 @@ def _phash(ds, proto: pa.Table, method, index: DedupIndex | None, exclude: set[s
         parts.append(ray.data.from_arrow(T.conform(idx, nodes(proto).schema)))
     all_nodes = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
     sigs = _map(all_nodes, lambda t: T.phash_signatures(t, k))
-    edges = _groups(sigs, "_sig", lambda g: T.phash_bucket(g, k), ctx).materialize()
+    fanout = (k + 1) * (1 + (WINDOWS_TYPE.list_size if method.windows else 0))
+    edges = _bucketed(sigs, "_sig", lambda g: T.phash_buckets(g, k), ctx, fanout).materialize()
     n_order = ctx.n_order
 
     @ray.remote(num_cpus=SELECT_NUM_CPUS)
@@ -356,11 +380,7 @@ def _count_alive(t: pa.Table) -> int:
 
 def _sample_mask(rid: np.ndarray, rate: float) -> np.ndarray:
     """A deterministic pseudo-random subset of row ids (splitmix64 finaliser)."""
-    z = rid.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> np.uint64(31))
-    return (z % np.uint64(_SAMPLE_MODULUS)) < np.uint64(int(rate * _SAMPLE_MODULUS))
+    return (T.mix64(rid) % np.uint64(_SAMPLE_MODULUS)) < np.uint64(int(rate * _SAMPLE_MODULUS))
 
 
 def _semantic(ds, proto: pa.Table, name: str, method, index: DedupIndex | None, exclude: set[str],
@@ -642,7 +662,7 @@ def _run_plan(cfg: SelectConfig, plan: _Plan, dst: Ledger, index: DedupIndex | N
     pending_ids = {i for i, f in enumerate(plan.files) if shard_tag(f) in tags}
     partitions = cfg.shuffle_partitions or max(1, min(MAX_DEFAULT_PARTITIONS, len(plan.files)))
     ctx = _Context(cfg, plan.files, pending_ids, source_options, target, target_options, run_id, plan.plan_id,
-                   partitions)
+                   partitions, input_rows)
     file_meta = {"schema_version": SCHEMA_VERSION, "mmcurate_version": __version__, "phase": "select",
                  "run_id": run_id, "plan_id": plan.plan_id, "decision_hash": dhash,
                  "select": cfg.model_dump(mode="json", exclude={"input", "output"})}

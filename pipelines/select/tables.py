@@ -24,6 +24,7 @@ from pipelines.select.config import PIXELS, CompareRule, SelectConfig
 
 FID, ROW, RID, REASON, DUP_OF, METHOD = "_fid", "_row", "_rid", "_reason", "_dup_of", "_method"
 INDEXED = "_indexed"
+BUCKET = "_bucket"
 XKEY = "_xkey"
 CLUSTER = "_cluster"
 BOOKKEEPING = [pa.field(FID, pa.int32()), pa.field(ROW, pa.int32()), pa.field(RID, pa.int64()),
@@ -43,6 +44,31 @@ def order_columns(n: int) -> list[str]:
 
 def make_rid(fid: int, rows: np.ndarray) -> np.ndarray:
     return (np.int64(fid) << np.int64(32)) | rows.astype(np.int64)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-spread, stable uint64 from each int64 (row ids, signatures)."""
+    z = np.asarray(x).astype(np.int64).view(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def shuffle_bucket(values: pa.Array | pa.ChunkedArray, buckets: int) -> pa.Array:
+    """Bucket ``0..buckets-1`` of each value, equal for equal values on every worker and run.
+
+    Integers are mixed with :func:`mix64`; strings hashed by pandas' ``hash_array`` (SipHash
+    with a fixed key, vectorised). Nulls share one bucket.
+    """
+    import pandas as pd
+
+    arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    if pa.types.is_integer(arr.type):
+        h = mix64(pc.fill_null(arr, 0).to_numpy(zero_copy_only=False))
+    else:
+        strings = pc.fill_null(pc.cast(arr, pa.string()), "").to_numpy(zero_copy_only=False)
+        h = pd.util.hash_array(np.asarray(strings, dtype=object), categorize=False)
+    return pa.array((h % np.uint64(buckets)).astype(np.int32))
 
 
 def alive_mask(t: pa.Table) -> np.ndarray:
@@ -73,13 +99,13 @@ def narrow(t: pa.Table, fid: int, cfg: SelectConfig, keep: list[str]) -> pa.Tabl
     """The narrow table of one input file: bookkeeping, order columns, comparison-rule verdicts."""
     n = t.num_rows
     rows = np.arange(n, dtype=np.int32)
-    reasons: list[str | None] = [None] * n
+    reasons = pa.nulls(n, pa.string())
     pending = np.ones(n, dtype=bool)
     for rule in cfg.rules:
         if isinstance(rule, CompareRule):
             fail = pending & ~evaluate_rule(t, rule)
-            for i in np.nonzero(fail)[0]:
-                reasons[i] = rule.reason
+            if fail.any():
+                reasons = pc.if_else(pa.array(fail), pa.scalar(rule.reason, pa.string()), reasons)
             pending &= ~fail
     out = t.select([c for c in keep if c in t.column_names])
     for i, (column, descending) in enumerate(cfg.order()):
@@ -94,7 +120,7 @@ def narrow(t: pa.Table, fid: int, cfg: SelectConfig, keep: list[str]) -> pa.Tabl
     out = out.append_column(FID, pa.array(np.full(n, fid, dtype=np.int32)))
     out = out.append_column(ROW, pa.array(rows))
     out = out.append_column(RID, pa.array(make_rid(fid, rows)))
-    out = out.append_column(REASON, pa.array(reasons, pa.string()))
+    out = out.append_column(REASON, reasons)
     out = out.append_column(DUP_OF, pa.nulls(n, pa.string()))
     return out.append_column(METHOD, pa.nulls(n, pa.string()))
 
@@ -163,14 +189,20 @@ def exact_key(t: pa.Table, caption: bool, caption_column: str = "text") -> pa.Ar
                     pa.string())
 
 
-def exact_group(t: pa.Table, n_order: int) -> pa.Table:
-    """One sha256 group: keep its best row (or the index entry), mark the rest ``dedup:exact``."""
+def exact_groups(t: pa.Table, n_order: int) -> pa.Table:
+    """Many sha256 groups at once (one shuffle bucket): per group keep the best row (or the
+    index entry) and mark the rest ``dedup:exact``. Vectorised over the groups, so a bucket of
+    a million mostly-unique keys costs a few array passes, not a million function calls."""
     indexed = t[INDEXED].to_numpy(zero_copy_only=False) if INDEXED in t.column_names else np.zeros(t.num_rows, bool)
-    valid = pc.not_equal(pc.fill_null(t[XKEY], ""), "").to_numpy(zero_copy_only=False)
-    members = (alive_mask(t) | indexed) & valid
-    if members.sum() > 1:
-        t = mark_duplicates(t, np.zeros(t.num_rows, np.int64), members, "exact", n_order, indexed)
-    return t.filter(pa.array(~indexed)).drop_columns([c for c in (XKEY, INDEXED) if c in t.column_names])
+    if t.num_rows:
+        xkey = pc.fill_null(t[XKEY], "").combine_chunks()
+        labels = pc.dictionary_encode(xkey).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        members = (alive_mask(t) | indexed) & pc.not_equal(xkey, "").to_numpy(zero_copy_only=False)
+        counts = np.bincount(labels[members], minlength=int(labels.max()) + 1)
+        members &= counts[labels] > 1
+        if members.any():
+            t = mark_duplicates(t, labels, members, "exact", n_order, indexed)
+    return t.filter(pa.array(~indexed)).drop_columns([c for c in (XKEY, INDEXED, BUCKET) if c in t.column_names])
 
 
 WINDOWS = "phash_windows"
@@ -199,6 +231,57 @@ def phash_bucket(t: pa.Table, max_distance: int) -> pa.Table:
     keep = ~(indexed[a] & indexed[b]) & (rid[a] != rid[b])
     u, v = rid[a][keep], rid[b][keep]
     return pa.table({"u": pa.array(np.minimum(u, v)), "v": pa.array(np.maximum(u, v))})
+
+
+# LSH buckets up to this size are paired all-against-all by array offsets, all buckets of a
+# shuffle bucket at once; larger ones (equal placeholder images, narrow bands) go one by one
+# through phash_bucket, whose equal-hash chaining keeps them linear.
+SMALL_BUCKET = 64
+
+
+def phash_buckets(t: pa.Table, max_distance: int) -> pa.Table:
+    """Confirmed pairs of every LSH bucket (``_sig``) in ``t``; same result as :func:`phash_bucket`
+    on each bucket, with the many small buckets handled in a few vectorised passes."""
+    empty = pa.table({"u": pa.array([], pa.int64()), "v": pa.array([], pa.int64())})
+    if t.num_rows < 2:
+        return empty
+    t = t.sort_by([("_sig", "ascending"), (RID, "ascending"), (IS_WINDOW, "ascending")])
+    sig = t["_sig"].to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, sig[1:] != sig[:-1]])
+    sizes = np.diff(np.r_[starts, len(sig)])
+    out = []
+    for s in starts[sizes > SMALL_BUCKET]:
+        n = int(sizes[np.searchsorted(starts, s)])
+        out.append(phash_bucket(t.slice(int(s), n), max_distance))
+    small = (sizes >= 2) & (sizes <= SMALL_BUCKET)
+    if small.any():
+        size_of = np.repeat(np.where(small, sizes, 0), sizes)
+        pos = np.arange(len(sig)) - np.repeat(starts, sizes)
+        hashes = t["phash"].to_numpy(zero_copy_only=False)
+        is_window = t[IS_WINDOW].to_numpy(zero_copy_only=False)
+        rid = t[RID].to_numpy(zero_copy_only=False)
+        indexed = t[INDEXED].to_numpy(zero_copy_only=False)
+        left = np.flatnonzero(size_of >= 2)
+        us, vs = [], []
+        for d in range(1, int(size_of.max())):
+            left = left[pos[left] + d < size_of[left]]
+            if not len(left):
+                break
+            right = left + d
+            ok = ((hamming(hashes[left], hashes[right]) <= max_distance) & ~(is_window[left] & is_window[right])
+                  & ~(indexed[left] & indexed[right]) & (rid[left] != rid[right]))
+            us.append(rid[left[ok]])
+            vs.append(rid[right[ok]])
+        if us:
+            u, v = np.concatenate(us), np.concatenate(vs)
+            out.append(pa.table({"u": pa.array(np.minimum(u, v)), "v": pa.array(np.maximum(u, v))}))
+    out = [o for o in out if o.num_rows]
+    if not out:
+        return empty
+    pairs = pa.concat_tables(out)
+    # the same pair shows up in several bands: send each once
+    pairs = np.unique(np.stack([pairs["u"].to_numpy(), pairs["v"].to_numpy()], axis=1), axis=0)
+    return pa.table({"u": pa.array(pairs[:, 0]), "v": pa.array(pairs[:, 1])})
 
 
 def phash_signatures(t: pa.Table, max_distance: int) -> pa.Table:
@@ -336,33 +419,41 @@ def decision_columns(t: pa.Table) -> dict[str, Any]:
 
 
 def top_fraction_counts(t: pa.Table, group_col: str) -> list[tuple[str, int]]:
-    """(group, alive rows) in order of first appearance in a sorted block."""
+    """(group, alive rows) of a sorted block, in order of first appearance."""
     alive = t.filter(pa.array(alive_mask(t)))
-    out: list[tuple[str, int]] = []
-    for g in alive[group_col].to_pylist():
-        if out and out[-1][0] == g:
-            out[-1] = (g, out[-1][1] + 1)
-        else:
-            out.append((g, 1))
-    return out
+    counts = pc.value_counts(alive[group_col].combine_chunks())
+    return list(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
 
 
 def top_fraction_cut(t: pa.Table, group_col: str, starts: dict[str, int], keep: dict[str, int],
                      reason: str) -> pa.Table:
-    """Reject the alive rows of a sorted block whose rank in their group is ``>= keep[group]``."""
+    """Reject the alive rows of a sorted block whose rank in their group is ``>= keep[group]``.
+
+    A row's rank is its group's rows in earlier blocks (``starts``) plus the alive rows of its
+    group before it in this block.
+    """
     alive = alive_mask(t)
-    groups = t[group_col].to_pylist()
-    reasons = t[REASON].to_pylist()
-    seen: dict[str, int] = {}
-    for i in range(t.num_rows):
-        if not alive[i]:
-            continue
-        g = groups[i]
-        r = starts.get(g, 0) + seen.get(g, 0)
-        seen[g] = seen.get(g, 0) + 1
-        if r >= keep[g]:
-            reasons[i] = reason
-    return t.set_column(t.column_names.index(REASON), REASON, pa.array(reasons, pa.string()))
+    idx = np.flatnonzero(alive)
+    if not len(idx):
+        return t
+    encoded = pc.dictionary_encode(t[group_col].combine_chunks().take(pa.array(idx)))
+    names = encoded.dictionary.to_pylist()
+    labels = encoded.indices.to_numpy(zero_copy_only=False)
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    first = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    within = np.empty(len(idx), np.int64)
+    within[order] = np.arange(len(idx)) - first
+    base = np.array([starts.get(g, 0) for g in names], np.int64)
+    limit = np.array([keep[g] for g in names], np.int64)
+    cut = idx[base[labels] + within >= limit[labels]]
+    if not len(cut):
+        return t
+    reasons = t[REASON].combine_chunks()
+    mask = np.zeros(t.num_rows, bool)
+    mask[cut] = True
+    new = pc.if_else(pa.array(mask), pa.scalar(reason, pa.string()), reasons)
+    return t.set_column(t.column_names.index(REASON), REASON, new)
 
 
 def top_fraction_keep(total: int, fraction: float) -> int:

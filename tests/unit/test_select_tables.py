@@ -44,7 +44,7 @@ def test_exact_group_keeps_the_highest_clip_score_then_key():
     cfg = SelectConfig()  # survivor order: -clip_score, -pixels
     t = _narrow(_rows()[:2], cfg)
     t = t.append_column(T.XKEY, t["sha256"]).append_column(T.INDEXED, pa.array([False, False]))
-    out = T.exact_group(t, len(cfg.order()))
+    out = T.exact_groups(t, len(cfg.order()))
     assert out[T.DUP_OF].to_pylist() == [None, "a"]
     assert out[T.REASON].to_pylist() == [None, "dedup:exact"]
     assert T.XKEY not in out.column_names
@@ -56,9 +56,25 @@ def test_exact_group_defers_to_an_index_entry_from_an_earlier_run():
     t = t.append_column(T.XKEY, t["sha256"]).append_column(T.INDEXED, pa.array([False]))
     idx = T.conform(pa.table({"key": ["old"], T.XKEY: ["s1"], T.RID: pa.array([-1], pa.int64()),
                               T.INDEXED: [True]}), t.schema)
-    out = T.exact_group(pa.concat_tables([idx, t]), len(cfg.order()))
+    out = T.exact_groups(pa.concat_tables([idx, t]), len(cfg.order()))
     assert out.num_rows == 1  # the index entry is not a row of this run
     assert out[T.DUP_OF].to_pylist() == ["old"]
+
+
+def test_exact_groups_settle_many_keys_in_one_call_as_each_key_alone():
+    cfg = SelectConfig()
+    rng = np.random.default_rng(3)
+    rows = [{"key": f"k{i:03d}", "sha256": f"s{rng.integers(0, 40)}", "phash": 0,
+             "clip_score": float(rng.uniform()), "text_lang": "en", "width": 1, "height": 1} for i in range(200)]
+    t = _narrow(rows, cfg)
+    t = t.append_column(T.XKEY, t["sha256"]).append_column(T.INDEXED, pa.array([False] * 200))
+    together = T.exact_groups(t, len(cfg.order()))
+    alone = {}
+    for sha in set(t["sha256"].to_pylist()):
+        g = T.exact_groups(t.filter(pa.compute.equal(t["sha256"], sha)), len(cfg.order()))
+        alone.update(zip(g["key"].to_pylist(), g[T.DUP_OF].to_pylist()))
+    assert dict(zip(together["key"].to_pylist(), together[T.DUP_OF].to_pylist())) == alone
+    assert sum(d is not None for d in alone.values()) == 200 - len(set(t["sha256"].to_pylist()))
 
 
 def test_survivor_choice_does_not_depend_on_row_order():
@@ -69,7 +85,7 @@ def test_survivor_choice_does_not_depend_on_row_order():
     for perm in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
         t = _narrow([rows[i] for i in perm], cfg)
         t = t.append_column(T.XKEY, t["sha256"]).append_column(T.INDEXED, pa.array([False] * 3))
-        out = T.exact_group(t, 1)
+        out = T.exact_groups(t, 1)
         winners.add(tuple(k for k, r in zip(out["key"].to_pylist(), out[T.REASON].to_pylist()) if r is None))
     assert winners == {("a",)}  # equal scores: the smallest key wins, whatever the order
 
@@ -193,3 +209,40 @@ def test_apply_decisions_touches_only_alive_rows():
     assert out[T.REASON].to_pylist() == ["dedup:phash", "select:clip_score>=0.5", "select:clip_score>=0.5"]
     assert out[T.DUP_OF].to_pylist() == ["x", None, None]
     assert cfg.order()  # default order exists
+
+
+def test_phash_buckets_in_one_call_give_the_components_of_each_bucket_alone():
+    # Many LSH buckets in one shuffle bucket: small ones are paired by array offsets, large ones
+    # (over SMALL_BUCKET, here a cluster of equal and near hashes) one by one; the components
+    # must be those of calling phash_bucket on each bucket separately.
+    cfg = SelectConfig()
+    rng = np.random.default_rng(11)
+    base = rng.integers(-2**63, 2**63 - 1, size=60, dtype=np.int64)
+    rows = []
+    for i in range(300):
+        h = int(base[i % 60]) ^ int(1 << int(rng.integers(0, 63))) if i >= 60 else int(base[i])
+        if i % 3 == 0:
+            h = int(base[0])  # a large bucket of one picture
+        wins = [int(x) for x in rng.integers(-2**63, 2**63 - 1, size=9, dtype=np.int64)]
+        if i % 5 == 0:
+            wins[3] = int(base[(i + 1) % 60]) ^ 0b101  # a window near another picture
+        if i % 11 == 0:
+            wins[5] = 0x1234_5678_9ABC ^ i  # windows near each other only: must never link
+        rows.append({"key": f"k{i:03d}", "sha256": f"s{i}", "phash": h, "phash_windows": wins,
+                     "clip_score": 0.5, "width": 8, "height": 8})
+    t = T.narrow(pa.Table.from_pylist(rows), 0, cfg, ["key", "sha256", "phash", T.WINDOWS])
+    k = 6
+    sigs = T.phash_signatures(t, k)
+    sizes = pa.compute.value_counts(sigs["_sig"]).field("counts").to_numpy()
+    assert sizes.max() > T.SMALL_BUCKET and ((sizes >= 2) & (sizes <= T.SMALL_BUCKET)).any()
+    together = T.phash_buckets(sigs, k)
+    rids = np.sort(t[T.RID].to_numpy())
+
+    def components(u, v):
+        labels = graph.connected_components(len(rids), np.searchsorted(rids, u), np.searchsorted(rids, v))
+        return {frozenset(rids[labels == lab].tolist()) for lab in set(labels.tolist())}
+
+    alone = _bucket_edges(t, k)
+    au, av = (np.array(x, np.int64) for x in zip(*alone))
+    assert components(together["u"].to_numpy(), together["v"].to_numpy()) == components(au, av)
+    assert len(components(au, av)) < len(rids) - 50  # plenty of links to compare
