@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 EMBED_DIM = 32
 # Planted duplicate rates: enough pairs that every dedup stage does real work.
 EXACT_RATE, PHASH_RATE, SEMANTIC_RATE = 0.05, 0.05, 0.02
+WINDOW_FLIPS = 4
 
 
 def synthetic_table(rows: int, seed: int, offset: int) -> pa.Table:
@@ -51,6 +52,11 @@ def synthetic_table(rows: int, seed: int, offset: int) -> pa.Table:
     emb[c] = emb[src[n_exact + n_phash:]] + rng.normal(scale=0.01, size=(n_sem, EMBED_DIM))
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     langs = np.array(["en", "de", "fr", "es"])[rng.integers(0, 4, size=rows)]
+    # Window hashes as decode makes them: each a few bits from its row's full hash (a picture's
+    # 96 % sub-windows hash close to the whole), so they land in the same LSH buckets as it does.
+    flips = rng.integers(0, 64, size=(rows, 9, WINDOW_FLIPS)).astype(np.int64)
+    masks = np.bitwise_or.reduce(np.int64(1) << flips, axis=2)
+    windows = (phash[:, None] ^ masks).reshape(-1)
     return pa.table({
         "key": pa.array([f"k{i:09d}" for i in ids]),
         "source_shard": pa.array([f"s3://synthetic/{seed}.tar"] * rows),
@@ -61,6 +67,7 @@ def synthetic_table(rows: int, seed: int, offset: int) -> pa.Table:
         "width": pa.array(rng.integers(64, 1024, size=rows).astype(np.int32)),
         "height": pa.array(rng.integers(64, 1024, size=rows).astype(np.int32)),
         "phash": pa.array(phash),
+        "phash_windows": pa.FixedSizeListArray.from_arrays(pa.array(windows), 9),
         "clip_score": pa.array(rng.uniform(0.1, 0.45, size=rows).astype(np.float32)),
         "text_lang": pa.array(langs),
         "clip_image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float16).reshape(-1)),
@@ -125,6 +132,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--files", type=int, default=20)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--phash-k", type=int, default=6, help="pHash max_distance (shipped default 6)")
+    ap.add_argument("--no-windows", action="store_true", help="match full hashes only (phash.windows: false)")
     args = ap.parse_args()
 
     import ray
@@ -142,7 +151,7 @@ def main() -> None:
     cfg = SelectConfig.model_validate({
         "rules": ["clip_score >= 0.12", "text_lang in [en, de, fr]",
                   {"top_fraction": {"column": "clip_score", "fraction": 0.9, "by": "text_lang"}}],
-        "dedup": [{"exact": {}}, {"phash": {"max_distance": 4}},
+        "dedup": [{"exact": {}}, {"phash": {"max_distance": args.phash_k, "windows": not args.no_windows}},
                   {"semantic": {"column": "clip_image_embedding", "eps": 0.01, "clusters": 32, "sample_rows": 20000}}],
         "survivor_order": ["-clip_score", "-pixels"]})
     t1 = time.time()
@@ -150,6 +159,7 @@ def main() -> None:
     elapsed = time.time() - t1
     sampler.stop.set()
     sampler.join()
+    print(f"pHash max_distance {args.phash_k}, window hashes {'off' if args.no_windows else 'on'}")
     print(f"select: {summary.rows_in} rows in {elapsed:.1f}s = {summary.rows_in / elapsed:.0f} rows/s "
           f"(2 shared cores; noisy)")
     print(f"kept {summary.kept}, rejected {summary.rejected}: {dict(summary.rejected_by_reason)}")
