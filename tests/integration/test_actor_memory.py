@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.tiny_models import build_clip
 from operators.image.pixels import decode_rgb
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,8 +62,8 @@ def photo_jpeg(size=PHOTO, orientation: int | None = None) -> bytes:
     return buf.getvalue()
 
 
-def test_a_batch_of_twelve_megapixel_photos_stays_far_below_a_full_decode(tmp_path):
-    model = build_clip(tmp_path / "clip")
+def test_a_batch_of_twelve_megapixel_photos_stays_far_below_a_full_decode(tmp_path, tiny_models):
+    model = tiny_models["clip"]
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(photo_jpeg())
     proc = subprocess.run([sys.executable, "-c", CHILD, str(model), str(photo), "64", str(PHOTOS)],

@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from jobs.sample_data import make_webdataset_shards
-from jobs.tiny_models import build_clip
 from pipelines.runner import run
 from tests.helpers import ledger_records, make_config
 
@@ -58,9 +57,9 @@ def _stats(out: Path, run_id: str) -> dict:
 
 
 @needs_chromium
-def test_two_runs_leave_counters_matching_the_ledger_and_a_report_chromium_reads(ray_session, tmp_path):
+def test_two_runs_leave_counters_matching_the_ledger_and_a_report_chromium_reads(ray_session, tmp_path, tiny_models):
     make_webdataset_shards(tmp_path / "wds", n_shards=3, samples_per_shard=GOOD, seed=2)
-    clip = build_clip(tmp_path / "clip")
+    clip = tiny_models["clip"]
     out = tmp_path / "out"
     operators = [{"decode": {}}, {"min_side": {"min": 32}}, {"caption_length": {"min_words": 1}},
                  {"clip": {"model": str(clip), "cpu_threads": 1,

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from ground.errors import ConfigError
 from ground.schema import IMAGE_TYPE
 from jobs.sample_data import draw_image, encode
-from jobs.tiny_models import build_all, build_head
+from jobs.tiny_models import build_head
 from operators.models.caption import CaptionConfig, Captioner
 from operators.models.clip import ClipConfig, ClipEmbedder
 from operators.models.heads import EmbeddingHead, HeadConfig
@@ -23,9 +23,10 @@ from pipelines.plan import operator_steps
 from tests.helpers import make_config
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_all(tmp_path_factory.mktemp("models"), ["clip", "vit_gpt2", "blip"])
+@pytest.fixture
+def tiny(tiny_models):
+    """The session's tiny models (read only here; a test that edits one copies it first)."""
+    return tiny_models
 
 
 def batch_of(n: int, same_image: bool = False) -> pa.Table:
