@@ -118,7 +118,10 @@ def plan(config: Path = typer.Argument(..., help="pipeline YAML"),
         typer.echo(f"  ... and {len(desc['pending']) - 10} more")
     typer.echo("operators:")
     for op in desc["operators"]:
-        pool = f"actors {op['min_actors']}..{op['max_actors']}" if op["max_actors"] else "tasks"
+        if not op["uses_actors"]:
+            pool = "tasks"
+        else:  # auto: a model operator's actor count is derived at run time too
+            pool = f"actors {op['min_actors']}..{op['max_actors']}" if op["max_actors"] else "actors auto"
         cpus = "auto" if op["num_cpus"] is None else format(op["num_cpus"], "g")  # auto: derived at run time
         typer.echo(f"  {op['name']:<18} {op['class']:<24} cpus={cpus} gpus={op['num_gpus']:g} "
                    f"batch={op['batch_size']} {pool}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,6 +32,14 @@ PROTECTED_COLUMNS = frozenset(READER_SCHEMA.names) | {f.name for f in INTERNAL_F
 HEADROOM_MIN = 0.5
 HEADROOM_FRACTION = 0.25
 LIGHT_SHARE_MIN = 0.125
+# CPU model actors: the model CPUs of a node go to several actors of few torch threads each,
+# not to one actor of many. Measured on 2 cores (CLIP ViT-B/32 geometry, 512 rows): one actor of
+# 2 threads spent 161 ms of model time a row, two actors of 1 thread 125 ms a row between them.
+# A multi-threaded forward stalls whenever one of its threads is preempted (by decode tasks, the
+# driver, Ray's own processes, all of which outrank Ray's nice-15 workers); single-threaded
+# actors do not wait on each other. One actor per CPU up to CPU_ACTORS_MAX actors (each holds a
+# copy of the model); on larger nodes each of them gets more threads.
+CPU_ACTORS_MAX = 8
 # A GPU model actor decodes and preprocesses on its own threads (operators/models/prefetch.py):
 # it reserves this fraction of the CPUs that come with its GPU share; the rest feeds the light stages.
 GPU_ACTOR_CPU_FRACTION = 0.75
@@ -68,7 +77,8 @@ def resolve_resources(steps: list[OperatorStep], node: NodeShape) -> list[Operat
     """Fill every unset ``num_cpus`` from ``node``; explicit values are kept as they are.
 
     * CPU model operators (heavy, no GPU) share ``node.cpus - headroom`` in proportion to
-      their ``max_actors``, so together they use most of a node and never all of it;
+      their ``max_actors``, so together they use most of a node and never all of it; an unset
+      ``max_actors`` is derived first (:func:`cpu_actors`: several actors of few threads);
     * a GPU model actor gets ``GPU_ACTOR_CPU_FRACTION`` of the CPUs that come with its GPU
       share (at least 1, at most what the CPU model operators could get);
     * everything else (decode, filters, heads) a light share.
@@ -78,10 +88,20 @@ def resolve_resources(steps: list[OperatorStep], node: NodeShape) -> list[Operat
     """
     spare = max(node.cpus - headroom(node), LIGHT_SHARE_MIN)
     auto_cpu_heavy = [s for s in steps if s.cls.heavy and s.resources.num_cpus is None and not s.resources.num_gpus]
-    actors = sum(s.resources.max_actors or 1 for s in auto_cpu_heavy)
+    per_op = cpu_actors(spare / max(1, len(auto_cpu_heavy)))
+
+    def pool(res: Resources) -> Resources:
+        """Unset max_actors of a model operator: derived on CPU (cpu_actors), one with a GPU
+        or with num_cpus set (min_actors, when set, is the floor)."""
+        if res.max_actors is not None:
+            return res
+        n = max(res.min_actors, 1 if res.num_gpus or res.num_cpus is not None else per_op)
+        return res.model_copy(update={"max_actors": n, "min_actors": n})
+
+    actors = sum(pool(s.resources).max_actors for s in auto_cpu_heavy)
     out = []
     for s in steps:
-        res = s.resources
+        res = pool(s.resources) if s.cls.heavy else s.resources
         if res.num_cpus is None:
             if s.cls.heavy and res.num_gpus:
                 per_gpu = node.cpus_per_gpu or node.cpus
@@ -96,6 +116,13 @@ def resolve_resources(steps: list[OperatorStep], node: NodeShape) -> list[Operat
             config = config.model_copy(update={"resources": res})
         out.append(replace(s, config=config, resources=res))
     return out
+
+
+def cpu_actors(cpus: float) -> int:
+    """Actors one CPU model operator runs on ``cpus`` CPUs (see CPU_ACTORS_MAX): 1.5 CPUs -> 2
+    actors of 1 thread, 6 -> 6, 12 -> 6 of 2 threads, 72 -> 8 of 9."""
+    threads = max(1, math.ceil(cpus / CPU_ACTORS_MAX))
+    return max(1, min(CPU_ACTORS_MAX, round(cpus / threads)))
 
 
 @dataclass
@@ -122,7 +149,8 @@ class Plan:
             "shards_pending": len(self.pending),
             "pending": self.pending,
             "operators": [
-                {"name": s.name, "class": s.cls.__name__, **s.resources.model_dump()} for s in self.steps
+                {"name": s.name, "class": s.cls.__name__, **s.resources.model_dump(),
+                 "uses_actors": s.resources.uses_actors} for s in self.steps
             ],
         }
 

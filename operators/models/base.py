@@ -34,14 +34,21 @@ class ModelResources(Resources):
     ``num_cpus`` left unset is derived at run time from the connected cluster's nodes
     (``pipelines.plan.resolve_resources``): on CPU most of a node, shared by the model
     operators, with fractional shares left for read/decode/write; with GPUs a share of the
-    node's CPUs per GPU fraction, for the actor's decode threads. One actor by default; on a
-    GPU cluster set ``num_gpus`` (0.5 packs two actors per GPU) and ``max_actors``.
+    node's CPUs per GPU fraction, for the actor's decode threads. ``max_actors`` left unset is
+    derived too: on CPU, actors of at most ``CPU_ACTOR_MAX_THREADS`` torch threads each; with a
+    GPU, one (set ``num_gpus``, 0.5 packs two actors per GPU, and ``max_actors``).
     ``batch_size`` is the Ray batch handed to one call; the forward pass runs in chunks of the
     config's ``forward_batch_size`` so decoding the next chunk overlaps the current forward.
     """
 
     batch_size: int | None = Field(256, ge=1)
-    max_actors: int | None = Field(1, ge=1)
+    # None: derived at run time (pipelines.plan.resolve_resources): on CPU, several actors of
+    # few torch threads each; with a GPU, one.
+    max_actors: int | None = Field(None, ge=1)
+
+    @property
+    def uses_actors(self) -> bool:
+        return True  # a model is loaded once per actor, never per task
 
 
 # Per actor: decoded pixels + prepared inputs of rows handed to the decode threads and not yet

@@ -203,12 +203,12 @@ def test_provenance_digests_the_weight_files_and_flags_random_weights(tiny):
     assert rec["model"] == tiny["clip"] and rec["revision"] == "v1" and rec["random_weights"] is True
 
 
-def test_config_is_strict_and_resources_default_to_one_actor_sized_at_run_time():
+def test_config_is_strict_and_resources_default_to_actors_sized_at_run_time():
     cfg = ClipConfig(model="openai/clip-vit-base-patch32")
     res = ClipEmbedder.resources(cfg)
-    # num_cpus stays unset: pipelines.plan.resolve_resources sizes it from the node at run time
-    assert res.uses_actors and res.max_actors == 1 and res.num_gpus == 0 and res.num_cpus is None
-    assert ClipConfig(model="m", resources={"num_gpus": 0.5}).resources.max_actors == 1
+    # num_cpus and the actor count stay unset: pipelines.plan.resolve_resources sizes them from
+    # the node at run time; a model always runs in actors, never in tasks
+    assert res.uses_actors and res.max_actors is None and res.num_gpus == 0 and res.num_cpus is None
     with pytest.raises(ValidationError):
         ClipConfig(model="m", unknown=1)
     with pytest.raises(ValidationError, match="num_gpus"):

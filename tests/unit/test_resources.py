@@ -27,15 +27,34 @@ def by_name(steps):
     return {s.name: s for s in steps}
 
 
-def test_a_cpu_model_gets_most_of_a_two_core_node_and_two_torch_threads(tmp_path):
+def test_a_cpu_model_gets_most_of_a_two_core_node_as_two_single_threaded_actors(tmp_path):
     steps = by_name(resolve_resources(steps_for(tmp_path, DECODE_CLIP), NodeShape(cpus=2)))
     clip = steps["clip"]
-    assert clip.resources.num_cpus == 1.5
-    # the actor sizes torch from the resolved value it receives in its config
-    assert clip.config.resources.num_cpus == 1.5 and round(clip.config.resources.num_cpus) == 2
-    # and every light stage (read, decode, write) still fits next to it
-    assert clip.resources.num_cpus + 3 * light_share(NodeShape(cpus=2)) <= 2
+    assert clip.resources.min_actors == clip.resources.max_actors == 2
+    assert clip.resources.num_cpus == 0.75
+    # each actor sizes torch from the resolved value it receives in its config: one thread
+    assert clip.config.resources.num_cpus == 0.75 and round(clip.config.resources.num_cpus) == 1
+    # and every light stage (read, decode, write) still fits next to both
+    assert 2 * clip.resources.num_cpus + 3 * light_share(NodeShape(cpus=2)) <= 2
     assert steps["decode"].resources.num_cpus == light_share(NodeShape(cpus=2))
+
+
+@pytest.mark.parametrize("cpus, actors, threads", [(1, 1, 1), (4, 3, 1), (8, 6, 1), (16, 6, 2), (96, 8, 9)])
+def test_cpu_model_actors_are_many_and_narrow_up_to_a_cap(tmp_path, cpus, actors, threads):
+    clip = by_name(resolve_resources(steps_for(tmp_path, DECODE_CLIP), NodeShape(cpus=cpus)))["clip"]
+    assert clip.resources.max_actors == actors
+    assert max(1, round(clip.resources.num_cpus)) == threads  # the torch threads an actor starts
+    assert actors * clip.resources.num_cpus <= cpus
+
+
+def test_a_gpu_model_or_a_set_num_cpus_keeps_one_actor_and_set_counts_win(tmp_path):
+    ops = [{"decode": {}}, {"clip": {"model": "/m/clip", "resources": {"num_gpus": 1}}},
+           {"caption": {"model": "/m/c", "name": "c", "resources": {"num_cpus": 2}}}]
+    steps = by_name(resolve_resources(steps_for(tmp_path, ops), NodeShape(cpus=16, cpus_per_gpu=16)))
+    assert steps["clip"].resources.max_actors == 1 and steps["caption"].resources.max_actors == 1
+    ops = [{"decode": {}}, {"clip": {"model": "/m/clip", "resources": {"min_actors": 1, "max_actors": 3}}}]
+    clip = by_name(resolve_resources(steps_for(tmp_path, ops), NodeShape(cpus=2)))["clip"]
+    assert (clip.resources.min_actors, clip.resources.max_actors, clip.resources.num_cpus) == (1, 3, 0.5)
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 4, 16, 96])
