@@ -25,7 +25,7 @@ import yaml
 from PIL import Image
 
 from benchmarks.dedup_planted_noise import base_image, jpeg, near_duplicate
-from operators.dedup.phash import phash64
+from operators.dedup.phash import hamming, phash64, phash_with_windows
 from pipelines.select.config import SelectConfig
 from pipelines.select.runner import select
 from tests.integration.select_support import row, write_annotated_output
@@ -34,9 +34,15 @@ REPO = Path(__file__).resolve().parents[2]
 DEDUP = [{"exact": {}}, {"phash": {"max_distance": 8}}]
 
 
-def _image_row(key: str, data: bytes, **kw):
+def _image_row(key: str, data: bytes, windows: bool = False, **kw):
+    """A row as decode annotates it: the picture's pHash (and its window hashes when asked)."""
     img = Image.open(io.BytesIO(data))
-    return row(key, data, phash=phash64(img), width=img.width, height=img.height, **kw)
+    if windows:
+        full, wins = phash_with_windows(img)
+        kw["phash_windows"] = wins
+    else:
+        full = phash64(img)
+    return row(key, data, phash=full, width=img.width, height=img.height, **kw)
 
 
 def _pictures(seed: int, n: int) -> list[Image.Image]:
@@ -148,33 +154,43 @@ def test_stricter_reselect_moves_rows_to_rejected_with_the_new_reason(ray_sessio
 
 def test_a_duplicate_arriving_in_a_later_run_is_caught_by_the_cross_run_index(ray_session, s3):
     fs, opts, bucket = s3
-    x, y, z = _pictures(3, 3)
+    x, y, z, w = _pictures(3, 4)
     out, cur = f"s3://{bucket}/out", f"s3://{bucket}/cur"
     cfg = SelectConfig.model_validate({"dedup": DEDUP})
-    write_annotated_output(out, {"s3://src/night1.tar": [_image_row("x", jpeg(x, 90)), _image_row("y", jpeg(y, 90))]},
-                           opts)
+    write_annotated_output(out, {"s3://src/night1.tar": [
+        _image_row("x", jpeg(x, 90)), _image_row("y", jpeg(y, 90)), _image_row("w", jpeg(w, 90), windows=True)]},
+        opts)
     select(cfg, out, cur, opts, opts)
     night1 = {r["tag"]: r["run_id"] for r in _ledger(fs, cur)}
 
-    # Night 2: a re-encoded copy of x (higher score, so in-set it would win) and a byte copy of y.
+    # Night 2: a re-encoded copy of x (higher score, so in-set it would win), a byte copy of y, and
+    # a crop of w whose full hash is 14 bits from w's (beyond max_distance 8) but 4 bits from one
+    # of the window hashes: only the windows stored in the index can catch it.
+    crop = jpeg(near_duplicate(w, "crop", random.Random(2)), 90)
+    full_w, wins_w = phash_with_windows(Image.open(io.BytesIO(jpeg(w, 90))))
+    full_c = phash64(Image.open(io.BytesIO(crop)))
+    assert hamming(full_w, full_c) > 8 and min(hamming(full_c, v) for v in wins_w) <= 8
     write_annotated_output(out, {"s3://src/night2.tar": [
         _image_row("x-again", jpeg(near_duplicate(x, "reencode", random.Random(1)), 65), clip_score=0.9),
-        _image_row("y-again", jpeg(y, 90)), _image_row("z", jpeg(z, 90))]}, opts)
+        _image_row("y-again", jpeg(y, 90)), _image_row("z", jpeg(z, 90)),
+        _image_row("w-crop", crop, windows=True)]}, opts)
     summary = select(cfg, out, cur, opts, opts)
     assert summary.files_committed == 1  # night 1 is not redone
     assert {r["tag"]: r["run_id"] for r in _ledger(fs, cur) if r["tag"] in night1} == night1
     rejected = {r["key"]: r for r in _rows(fs, cur, "rejected")}
     assert rejected["x-again"]["duplicate_of"] == "x" and rejected["x-again"]["dedup_method"] == "phash"
     assert rejected["y-again"]["duplicate_of"] == "y" and rejected["y-again"]["dedup_method"] == "exact"
-    assert {r["key"] for r in _rows(fs, cur, "data")} == {"x", "y", "z"}
+    assert rejected["w-crop"]["duplicate_of"] == "w" and rejected["w-crop"]["dedup_method"] == "phash"
+    assert {r["key"] for r in _rows(fs, cur, "data")} == {"x", "y", "z", "w"}
 
     # Re-tuning redoes both nights together: their own index entries are ignored, so the
     # in-set survivor (x-again, higher clip_score) wins and nothing is a duplicate of itself.
     retuned = SelectConfig.model_validate({"dedup": DEDUP, "rules": ["width >= 8"]})
     select(retuned, out, cur, opts, opts)
     kept = {r["key"] for r in _rows(fs, cur, "data")}
-    assert kept == {"x-again", "y", "z"}
-    assert {r["key"]: r["duplicate_of"] for r in _rows(fs, cur, "rejected")} == {"x": "x-again", "y-again": "y"}
+    assert kept == {"x-again", "y", "z", "w"}  # w: same score as its crop, more pixels
+    assert {r["key"]: r["duplicate_of"] for r in _rows(fs, cur, "rejected")} == {
+        "x": "x-again", "y-again": "y", "w-crop": "w"}
 
 
 def _verdicts(root: Path) -> tuple[set, Counter]:
