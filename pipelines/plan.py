@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -244,8 +245,12 @@ def build_dataset(cfg: PipelineConfig, plan: Plan, run_id: str, file_meta: dict[
 
     node = cluster_node_shape()
     steps = resolve_resources(plan.steps, node)
-    logger.info("node %g CPUs: %s", node.cpus,
-                ", ".join(f"{s.name} {s.resources.num_cpus:g} CPU" for s in steps) or "no operators")
+    logger.info("node %g CPUs: %s", node.cpus, ", ".join(
+        f"{s.name} {s.resources.num_cpus:g} CPU" + (f" x{s.resources.max_actors} actors" if s.resources.uses_actors else "")
+        for s in steps) or "no operators")
+    # Ray Data warns when a pool starts more actors (min_actors) than it has received blocks: a
+    # small run with the derived CPU actors; harmless there, and noise a user could not act on.
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
     read_compute = TaskPoolStrategy(size=cfg.input.read_concurrency) if cfg.input.read_concurrency else None
     ds = ray.data.read_datasource(ShardDatasource(reader, plan.pending), override_num_blocks=len(plan.pending),
                                   num_cpus=light_share(node), compute=read_compute)

@@ -109,7 +109,7 @@ def test_an_error_inside_a_ray_task_is_one_line_exit_1_and_debug_shows_the_trace
     proc_cfg["image_processor"]["image_mean"] = [0.5, 0.5]  # RGB images need three; fails in the worker
     (broken / "processor_config.json").write_text(json.dumps(proc_cfg))
     cfg = _config(tmp_path, input={"format": "webdataset", "paths": [str(tmp_path / "shards" / "00000.tar")]},
-                  operators=[{"decode": {}}, {"clip": {"model": str(broken), "resources": {"batch_size": 8}}}])
+                  operators=[{"decode": {}}, {"clip": {"model": str(broken), "resources": {"batch_size": 8, "max_actors": 1}}}])
 
     proc = mmcurate("run", str(cfg), "--log-level", "WARNING")
     assert proc.returncode == 1, proc.stderr[-3000:]

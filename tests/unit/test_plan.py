@@ -25,7 +25,8 @@ def test_operator_order_is_checked_against_the_columns_each_reads():
                                  {"aesthetic": {"weights": "/m/a.safetensors",
                                                 "embedding_column": "clip_l14_image_embedding"}}]))
     assert [s.name for s in steps] == ["decode", "clip", "aesthetic"]
-    assert steps[1].resources.max_actors == 1 and steps[0].resources.max_actors is None
+    # the model runs in actors (how many is derived at run time), decode in tasks
+    assert steps[1].resources.uses_actors and not steps[0].resources.uses_actors
 
 
 def test_model_storage_options_do_not_change_the_config_hash():
