@@ -227,8 +227,14 @@ def lower(ds, step: OperatorStep, stage: str | None = None, collector: Any = Non
     if res.num_gpus:
         common["num_gpus"] = res.num_gpus
     if res.uses_actors:
+        # Several CPU actors: a batch goes to an actor only when it is free. Ray's default queues
+        # up to 4 batches on the first actor that is ready while the others still load the model,
+        # and a short run then ends on one single-threaded actor (seen: 2 batches, 1 worker).
+        # A GPU actor keeps the default: the next batch's transfer overlaps the current forward.
+        in_flight = 1 if (res.max_actors or 1) > 1 and not res.num_gpus else None
         return ds.map_batches(_counted_actor_class(step.cls), fn_constructor_args=(step.config, stage, collector),
-                              compute=ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+                              compute=ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors,
+                                                        max_tasks_in_flight_per_actor=in_flight),
                               **common)
     return ds.map_batches(_task_fn(step.cls, step.config, stage, collector), **common)
 
