@@ -235,8 +235,7 @@ def _top_fraction(ds, rule: TopFraction, ctx: _Context):
         values = pc.cast(t[rule.column], pa.float64())
         null_value = pc.is_null(values).to_numpy(zero_copy_only=False) & T.alive_mask(t)
         if null_value.any():  # a row without the value cannot be ranked: the rule rejects it
-            reasons = pc.if_else(pa.array(null_value), pa.scalar(rule.reason, pa.string()), t[T.REASON])
-            t = t.set_column(t.column_names.index(T.REASON), T.REASON, reasons)
+            t = t.set_column(t.column_names.index(T.REASON), T.REASON, T.with_reason(t[T.REASON], null_value, rule.reason))
         groups = pc.fill_null(pc.cast(t[rule.by], pa.string()), "") if rule.by else pa.array([""] * t.num_rows)
         t = t.append_column(group_col, groups)
         t = t.append_column(value_col, pc.fill_null(values, -math.inf))

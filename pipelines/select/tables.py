@@ -75,6 +75,11 @@ def alive_mask(t: pa.Table) -> np.ndarray:
     return pc.is_null(t[REASON]).to_numpy(zero_copy_only=False)
 
 
+def with_reason(reasons: pa.Array | pa.ChunkedArray, mask: np.ndarray, reason: str) -> pa.Array:
+    """``reasons`` with ``reason`` set where ``mask`` is true (the callers only mask alive rows)."""
+    return pc.if_else(pa.array(mask), pa.scalar(reason, pa.string()), reasons)
+
+
 def evaluate_rule(t: pa.Table, rule: CompareRule) -> np.ndarray:
     """Boolean pass mask of one comparison; null values fail."""
     col = t[rule.column]
@@ -105,7 +110,7 @@ def narrow(t: pa.Table, fid: int, cfg: SelectConfig, keep: list[str]) -> pa.Tabl
         if isinstance(rule, CompareRule):
             fail = pending & ~evaluate_rule(t, rule)
             if fail.any():
-                reasons = pc.if_else(pa.array(fail), pa.scalar(rule.reason, pa.string()), reasons)
+                reasons = with_reason(reasons, fail, rule.reason)
             pending &= ~fail
     out = t.select([c for c in keep if c in t.column_names])
     for i, (column, descending) in enumerate(cfg.order()):
@@ -250,9 +255,9 @@ def phash_buckets(t: pa.Table, max_distance: int) -> pa.Table:
     starts = np.flatnonzero(np.r_[True, sig[1:] != sig[:-1]])
     sizes = np.diff(np.r_[starts, len(sig)])
     out = []
-    for s in starts[sizes > SMALL_BUCKET]:
-        n = int(sizes[np.searchsorted(starts, s)])
-        out.append(phash_bucket(t.slice(int(s), n), max_distance))
+    large = sizes > SMALL_BUCKET
+    for start, n in zip(starts[large].tolist(), sizes[large].tolist()):
+        out.append(phash_bucket(t.slice(start, n), max_distance))
     small = (sizes >= 2) & (sizes <= SMALL_BUCKET)
     if small.any():
         size_of = np.repeat(np.where(small, sizes, 0), sizes)
@@ -449,11 +454,9 @@ def top_fraction_cut(t: pa.Table, group_col: str, starts: dict[str, int], keep: 
     cut = idx[base[labels] + within >= limit[labels]]
     if not len(cut):
         return t
-    reasons = t[REASON].combine_chunks()
     mask = np.zeros(t.num_rows, bool)
     mask[cut] = True
-    new = pc.if_else(pa.array(mask), pa.scalar(reason, pa.string()), reasons)
-    return t.set_column(t.column_names.index(REASON), REASON, new)
+    return t.set_column(t.column_names.index(REASON), REASON, with_reason(t[REASON], mask, reason))
 
 
 def top_fraction_keep(total: int, fraction: float) -> int:
