@@ -152,13 +152,20 @@ class Committer:
             wait_futures(futures)
         self._raise_if_failed()
 
-    def close(self) -> None:
-        """Wait for every commit, stop the threads, and sweep staged leftovers of committed shards."""
+    def close(self, committed_before: set[str] | frozenset[str] = frozenset()) -> None:
+        """Wait for every commit, stop the threads, and sweep staged leftovers of committed shards.
+
+        Args:
+            committed_before: tags of shards committed by earlier runs. A run killed after a
+                shard's record was written but before its staged parts were deleted leaves
+                parts no later run would otherwise look at (the shard is never pending again).
+        """
         try:
             self.wait()
         finally:
             self._pool.shutdown(wait=True)
-        if self.committed_tags:
-            swept = self.ledger.sweep_staging(self.committed_tags)
+        tags = self.committed_tags | set(committed_before)
+        if tags:
+            swept = self.ledger.sweep_staging(tags)
             if swept:
                 logger.info("deleted %d staged leftover(s) of committed shards", swept)

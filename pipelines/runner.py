@@ -19,7 +19,7 @@ import yaml
 from ground import SCHEMA_VERSION, __version__
 from pipelines.config import PipelineConfig, config_hash, public_dict
 from ground.errors import AccountingError, LockHeldError, MmcurateError, RayConnectError, StalledError
-from ground.layout import RUNS
+from ground.layout import RUNS, shard_tag
 from operators.readers import make_reader
 from pipelines.commit import Committer
 from pipelines.ledger import Ledger, ShardProgress
@@ -399,7 +399,7 @@ def _run_locked(cfg: PipelineConfig, summary: RunSummary, ledger: Ledger, lock: 
         time.sleep(delay)
         to_do = sorted(failed)
         ledger.prepare(to_do, keep=keep)  # their staged files were never published: start clean
-    committer.close()
+    committer.close(committed_before={shard_tag(s) for s in plan.committed})
     if failed:
         ledger.prepare(sorted(failed), keep=keep)  # never leave a failed shard's staged files behind
     for shard, why in sorted(failed.items()):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from ground.layout import shard_tag, staging_prefix
 from jobs.sample_data import make_webdataset_shards
 from pipelines.runner import run
 from tests.conftest import TEST_KEY, TEST_SECRET
@@ -86,6 +87,27 @@ def test_s3_to_s3_accounting_rerun_and_no_secret_leak(ray_session, s3, tmp_path,
     assert again.shards_skipped == N_SHARDS and again.shards_committed == 0 and again.rows_in == 0
     fs.invalidate_cache()
     assert sorted(fs.find(f"{bucket}/curated/data")) == before
+
+
+def test_staged_parts_a_killed_run_left_for_a_committed_shard_are_swept_by_the_next_run(ray_session, s3, tmp_path):
+    # A run killed after a shard's ledger record landed but before its staged parts were deleted
+    # (seen in the S3 resume test) leaves parts of a shard no later run has pending. The next run
+    # that has work to do must sweep them, not only the leftovers of shards it committed itself.
+    fs, opts, bucket = s3
+    names = _upload_shards(fs, bucket, tmp_path)
+    out = f"s3://{bucket}/curated"
+    first = f"s3://{bucket}/wds/{names[0]}"
+    assert run(make_config([first], out, storage_options=opts)).shards_committed == 1
+    stray = f"{bucket}/curated/{staging_prefix(shard_tag(first))}/data/killed-run-part.parquet"
+    fs.pipe_file(stray, b"a part the killed run never deleted")
+
+    summary = run(make_config([f"s3://{bucket}/wds/{n}" for n in names[:2]], out, storage_options=opts))
+
+    assert summary.shards_skipped == 1 and summary.shards_committed == 1
+    fs.invalidate_cache()
+    staging = f"{bucket}/curated/{staging_prefix('')}".rstrip("/")
+    assert not fs.exists(staging) or not fs.find(staging)
+    assert len(read_rows(fs, out, "data")) == 2 * GOOD
 
 
 def test_hf_datasets_decodes_output_images(ray_session, tmp_path):
