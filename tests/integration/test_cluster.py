@@ -26,6 +26,7 @@ from jobs.cluster import JOB_CONFIG_NAME, build_submission, submission_id
 from jobs.sample_data import make_webdataset_shards
 from pipelines import config as config_mod
 from tests.conftest import TEST_KEY, TEST_SECRET, free_port
+from tests.faultproxy import FaultProxy
 from tests.helpers import ledger_records, read_rows
 
 REPO = Path(__file__).resolve().parents[2]
@@ -230,30 +231,46 @@ def test_submit_runs_the_pipeline_on_the_cluster_once(ray_cluster, s3, tmp_path)
     assert len([ln for ln in mmcurate("jobs", env=env).stdout.splitlines() if ln.startswith(job)]) == 1
 
 
-def test_failed_job_makes_status_and_follow_exit_nonzero_and_resubmit_adds_an_attempt(ray_cluster, s3, tmp_path):
+def test_failed_job_makes_status_and_follow_exit_nonzero_and_resubmit_adds_an_attempt_that_stop_stops(
+        ray_cluster, s3, tmp_path):
     fs, opts, bucket = s3
-    config = _write_config(tmp_path, opts, bucket)  # no shards uploaded: the run fails (no input)
-    env = dict(ray_cluster.env, RAY_ADDRESS=ray_cluster.address)
+    proxy = FaultProxy(opts["endpoint_url"])  # lets the test hold the second attempt mid-way
+    try:
+        # No shards uploaded yet: attempt 1 fails (no input).
+        config = _write_config(tmp_path, {**opts, "endpoint_url": proxy.url}, bucket)
+        env = dict(ray_cluster.env, RAY_ADDRESS=ray_cluster.address)
 
-    sub = mmcurate("submit", str(config), "--date", "20260101", env=env)
-    assert sub.returncode == 0, sub.stderr
-    job = sub.stdout.strip().splitlines()[-1]
-    follow = mmcurate("logs", job, "--follow", env=env)
-    assert follow.returncode == 1, follow.stdout + follow.stderr
-    assert "FAILED" in follow.stderr
-    status = mmcurate("status", job, env=env)
-    assert status.returncode == 1 and "FAILED" in status.stdout
+        sub = mmcurate("submit", str(config), "--date", "20260101", env=env)
+        assert sub.returncode == 0, sub.stderr
+        job = sub.stdout.strip().splitlines()[-1]
+        follow = mmcurate("logs", job, "--follow", env=env)
+        assert follow.returncode == 1, follow.stdout + follow.stderr
+        assert "FAILED" in follow.stderr
+        # --follow streamed the driver's log: its one-line error is there, as in plain `logs`.
+        (error,) = [ln for ln in mmcurate("logs", job, env=env).stdout.splitlines()
+                    if ln.startswith("mmcurate: error:")]
+        assert error in follow.stdout.splitlines()
+        status = mmcurate("status", job, env=env)
+        assert status.returncode == 1 and "FAILED" in status.stdout
 
-    # Without --resubmit a failed job is reported, not retried; with it, attempt 2 starts.
-    retry = mmcurate("submit", str(config), "--date", "20260101", env=env)
-    assert retry.returncode == 1 and "--resubmit" in retry.stderr
-    resub = mmcurate("submit", str(config), "--date", "20260101", "--resubmit", env=env)
-    assert resub.returncode == 0, resub.stderr
-    assert resub.stdout.strip().splitlines()[-1] == f"{job}-2"
-    stop = mmcurate("stop", f"{job}-2", env=env)
-    assert stop.returncode == 0, stop.stderr
-    final = mmcurate("status", f"{job}-2", "--wait", env=env)
-    assert final.returncode == 1 and ("STOPPED" in final.stdout or "FAILED" in final.stdout)
+        # Without --resubmit a failed job is reported, not retried; with it, attempt 2 starts.
+        retry = mmcurate("submit", str(config), "--date", "20260101", env=env)
+        assert retry.returncode == 1 and "--resubmit" in retry.stderr
+        # Attempt 2 has input, and would succeed: hold its listing so it is still running when stopped.
+        for p in make_webdataset_shards(tmp_path / "wds", n_shards=N_SHARDS, samples_per_shard=GOOD, seed=4):
+            fs.put_file(str(p), f"{bucket}/wds/{p.name}")
+        held = proxy.add_rule("hold", method="GET", path=r"list-type=2&prefix=wds(/|%2F)", times=1)
+        resub = mmcurate("submit", str(config), "--date", "20260101", "--resubmit", env=env)
+        assert resub.returncode == 0, resub.stderr
+        assert resub.stdout.strip().splitlines()[-1] == f"{job}-2"
+        assert held.waiting.wait(JOB_DONE_S), "attempt 2 never listed its input"
+        stop = mmcurate("stop", f"{job}-2", env=env)
+        assert stop.returncode == 0 and f"stop requested: {job}-2" in stop.stdout, stop.stderr
+        final = mmcurate("status", f"{job}-2", "--wait", env=env)
+        assert final.returncode == 1 and "STOPPED" in final.stdout and "FAILED" not in final.stdout, final.stdout
+        assert not fs.exists(f"{bucket}/curated/_mmcurate/ledger")  # stopped before anything was committed
+    finally:
+        proxy.stop()
 
 
 def test_unknown_job_unreachable_dashboard_and_missing_token_are_one_line_exit_2(ray_cluster):

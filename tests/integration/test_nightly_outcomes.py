@@ -14,8 +14,11 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
+from typer.testing import CliRunner
 
 from ground.errors import StalledError
+from jobs.cli import app
 from jobs.sample_data import draw_image, encode, make_webdataset_shards
 from pipelines.runner import init_ray, run
 from tests.faultproxy import FaultProxy
@@ -128,7 +131,8 @@ def s3_shards(s3, tmp_path):
     proxy.stop()
 
 
-def test_faults_mid_stream_never_lose_rows_and_failed_shards_are_retried_then_quarantined(ray_session, s3_shards):
+def test_faults_mid_stream_never_lose_rows_and_failed_shards_are_retried_then_quarantined(ray_session, s3_shards,
+                                                                                          tmp_path):
     fs, opts, bucket, proxy = s3_shards
     paths = [f"s3://{bucket}/wds/{{00000..00002}}.tar"]
     baseline = run(make_config(paths, f"s3://{bucket}/clean", storage_options=opts))
@@ -166,15 +170,21 @@ def test_faults_mid_stream_never_lose_rows_and_failed_shards_are_retried_then_qu
     fs.invalidate_cache()
     assert fs.find(f"{bucket}/broken/_mmcurate/quarantine")
 
+    # From here through the CLI as an operator types it (in this process, on the session's Ray).
+    config = Path(tmp_path / "broken.yaml")
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     proxy.clear()  # the storage is healthy again, but a quarantined shard waits for an operator
-    third = run(cfg)
-    assert third.exit_code == 3 and set(third.quarantined_shards) == {broken} and third.shards_committed == 0
+    third = CliRunner().invoke(app, ["run", str(config), "--log-level", "WARNING"])
+    assert third.exit_code == 3, third.output
+    assert f"quarantined shard {broken}: " in third.output and "0 committed now" in third.output
 
-    fourth = run(cfg, retry_quarantined=True)
-    assert fourth.exit_code == 0 and fourth.shards_committed == 1
+    fourth = CliRunner().invoke(app, ["run", str(config), "--retry-quarantined", "--log-level", "WARNING"])
+    assert fourth.exit_code == 0, fourth.output
+    assert "1 committed now" in fourth.output and "0 quarantined" in fourth.output
     assert row_list(fs, f"{bucket}/broken") == expected
     fs.invalidate_cache()
-    assert not fs.exists(f"{bucket}/broken/_mmcurate/quarantine") or not fs.find(f"{bucket}/broken/_mmcurate/quarantine")
+    for folder in ("quarantine", "failures"):  # released, and its failure count forgotten
+        assert not fs.exists(f"{bucket}/broken/_mmcurate/{folder}") or not fs.find(f"{bucket}/broken/_mmcurate/{folder}")
 
 
 def test_a_stalled_plan_fails_with_one_line_instead_of_hanging(ray_session, tmp_path):

@@ -60,6 +60,7 @@ def row_list(fs, root: str) -> list[tuple]:
 def test_exit_3_names_each_failed_shard_and_exit_2_names_an_unreachable_ray(tmp_path):
     make_webdataset_shards(tmp_path / "in", n_shards=1, samples_per_shard=3, seed=8)
     (tmp_path / "in" / "00001.tar").mkdir()  # listed like a shard, unreadable on every run
+    (tmp_path / "in" / "00002.tar").write_bytes(b"")  # permanently bad bytes: damaged, committed
     out = tmp_path / "out"
     config = write_config(tmp_path / "p.yaml", [str(tmp_path / "in" / "*.tar")], str(out),
                           shard_retries=0)
@@ -68,9 +69,19 @@ def test_exit_3_names_each_failed_shard_and_exit_2_names_an_unreachable_ray(tmp_
     failed = [ln for ln in proc.stdout.splitlines() if ln.startswith("failed shard ")]
     assert len(failed) == 1 and f"{tmp_path}/in/00001.tar: " in failed[0]
     assert "Traceback" not in proc.stderr
-    assert "1 committed (0 damaged), 1 failed, 0 quarantined" in proc.stdout
+    assert "2 committed (1 damaged), 1 failed, 0 quarantined" in proc.stdout
     (failure,) = (out / "_mmcurate" / "failures").glob("*.json")
     assert json.loads(failure.read_text())["consecutive_failures"] == 1
+
+    # The history shows that run as partial with its shard outcomes, rows and rate (no Ray needed).
+    (stats,) = [json.loads(p.read_text()) for p in (out / "_mmcurate" / "runs").glob("*/stats.json")]
+    history = mmcurate("runs", str(out))
+    assert history.returncode == 0, history.stderr
+    header, line = history.stdout.splitlines()
+    assert header.split() == ["run", "start", "end", "status", "commit", "damag", "fail", "quar", "rows", "rows/s"]
+    assert line.split()[0] == stats["run_id"] and line.split()[5:] == [
+        "partial", "2", "1", "1", "0", str(stats["rows_in"]), f"{stats['rows_per_s']:.1f}"]
+    assert stats["rows_in"] == 7 and stats["rows_per_s"] > 0  # 3 good + 4 bad samples in 00000.tar
 
     port = free_port()  # nothing listens here: a dead head
     config = write_config(tmp_path / "p2.yaml", [str(tmp_path / "in" / "00000.tar")], str(tmp_path / "out2"),
@@ -79,6 +90,20 @@ def test_exit_3_names_each_failed_shard_and_exit_2_names_an_unreachable_ray(tmp_
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mmcurate: error:")]
     assert proc.returncode == 2 and len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+    # A port that accepts connections but never speaks Ray (a wedged head): bounded, one line.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes handshakes; nothing ever answers
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        config = write_config(tmp_path / "p4.yaml", [str(tmp_path / "in" / "00000.tar")], str(tmp_path / "out4"),
+                              ray={"address": address, "connect_timeout_s": 3})
+        started = time.monotonic()
+        proc = mmcurate("run", str(config), timeout=120)
+        took = time.monotonic() - started
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mmcurate: error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert f"Ray at {address} did not answer within 3s" in lines[0] and took < 60
 
     # ray.address: null inside a Ray job: RAY_ADDRESS names the cluster, and it is the one used.
     config = write_config(tmp_path / "p3.yaml", [str(tmp_path / "in" / "00000.tar")], str(tmp_path / "out3"),
@@ -127,6 +152,18 @@ def test_a_second_run_on_the_same_output_is_refused_and_a_stale_lease_is_taken_o
         third = mmcurate("run", str(direct))
         assert third.returncode == 0, third.stderr[-2000:]
         assert "took over the run lock (expired) from run crashed-run on old-host" in third.stderr
+
+        # A live lease of another host is refused until it expires, unless an operator breaks it.
+        live = {**stale, "run_id": "live-run", "expires_at": time.time() + 3600}
+        fs.pipe_file(f"{bucket}/out/_mmcurate/lock", json.dumps(live).encode())
+        refused = mmcurate("run", str(direct))
+        assert refused.returncode == 4 and "locked by run live-run" in refused.stderr, refused.stderr[-2000:]
+        broken = mmcurate("run", str(direct), "--break-lock")
+        assert broken.returncode == 0, broken.stderr[-2000:]
+        assert "took over the run lock (broken with --break-lock) from run live-run" in broken.stderr
+        assert "shards: 2 found, 2 already committed" in broken.stdout
+        fs.invalidate_cache()
+        assert not fs.exists(f"{bucket}/out/_mmcurate/lock")  # broken, held, then released
     finally:
         proxy.stop()
 

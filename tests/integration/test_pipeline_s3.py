@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 
 from ground.layout import shard_tag, staging_prefix
 from jobs.sample_data import make_webdataset_shards
+from pipelines.ledger import Ledger
 from pipelines.runner import run
 from tests.conftest import TEST_KEY, TEST_SECRET
 from tests.helpers import ledger_records, make_config, read_rows
@@ -89,7 +90,7 @@ def test_s3_to_s3_accounting_rerun_and_no_secret_leak(ray_session, s3, tmp_path,
     assert sorted(fs.find(f"{bucket}/curated/data")) == before
 
 
-def test_staged_parts_a_killed_run_left_for_a_committed_shard_are_swept_by_the_next_run(ray_session, s3, tmp_path):
+def test_a_run_sweeps_staged_parts_of_committed_shards_and_resets_the_failure_count_of_what_it_commits(ray_session, s3, tmp_path):
     # A run killed after a shard's ledger record landed but before its staged parts were deleted
     # (seen in the S3 resume test) leaves parts of a shard no later run has pending. The next run
     # that has work to do must sweep them, not only the leftovers of shards it committed itself.
@@ -100,10 +101,18 @@ def test_staged_parts_a_killed_run_left_for_a_committed_shard_are_swept_by_the_n
     assert run(make_config([first], out, storage_options=opts)).shards_committed == 1
     stray = f"{bucket}/curated/{staging_prefix(shard_tag(first))}/data/killed-run-part.parquet"
     fs.pipe_file(stray, b"a part the killed run never deleted")
+    # The second shard failed in an earlier run; once it commits, its count of consecutive
+    # failures must start again from zero (quarantine is for shards that fail run after run).
+    second = f"s3://{bucket}/wds/{names[1]}"
+    ledger = Ledger(out, opts)
+    assert ledger.record_failure(second, "TransientStorageError: earlier night", "r0") == 1
 
-    summary = run(make_config([f"s3://{bucket}/wds/{n}" for n in names[:2]], out, storage_options=opts))
+    summary = run(make_config([first, second], out, storage_options=opts))
 
     assert summary.shards_skipped == 1 and summary.shards_committed == 1
+    fs.invalidate_cache()
+    assert ledger.failure_record(second) is None
+    assert ledger.record_failure(second, "TransientStorageError: a later night", "r2") == 1
     fs.invalidate_cache()
     staging = f"{bucket}/curated/{staging_prefix('')}".rstrip("/")
     assert not fs.exists(staging) or not fs.find(staging)

@@ -120,3 +120,20 @@ def test_a_live_lease_of_a_killed_process_on_this_host_is_taken_over_at_once(out
     assert other._create()
     with pytest.raises(LockHeldError, match="run-elsewhere"):
         RunLock(path, opts, "run-third", ttl_s=600).acquire()
+
+
+def test_the_heartbeat_renews_the_lease_on_its_own_while_the_run_holds_it(out):
+    path, opts = out
+    lock = RunLock(path, opts, "run-long", ttl_s=0.6)  # heartbeat every 0.2 s
+    lock.acquire()
+    try:
+        first = _lease(lock)
+        deadline = time.time() + 30
+        while _lease(lock)["renewed_at"] <= first["renewed_at"] and time.time() < deadline:
+            time.sleep(0.05)
+        later = _lease(lock)
+        # Renewed without anyone calling renew(): the expiry moved on, the holder did not change.
+        assert later["renewed_at"] > first["renewed_at"] and later["expires_at"] > first["expires_at"]
+        assert later["run_id"] == "run-long" and not lock.lost
+    finally:
+        lock.release()

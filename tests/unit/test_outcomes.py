@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from ground.errors import TransientStorageError
@@ -151,6 +152,29 @@ def test_a_read_that_keeps_breaking_fails_the_shard_and_is_never_called_damage(t
     rows, marker = _outcome(reader, url)
     assert marker[SHARD_MARKER] == MARKER_FAILED and "TransientStorageError" in marker[SHARD_DAMAGE]
     assert marker[SHARD_ROWS] is None  # never a row total: a failed shard cannot be committed
+
+
+def test_a_parquet_read_that_keeps_breaking_fails_the_shard_and_is_never_called_damage(s3, tmp_path):
+    # pyarrow reads through our resumable file: the transient error must come out of pyarrow as
+    # itself, not as an ArrowException/OSError the reader would record as a damaged file.
+    fs, opts, bucket = s3
+    rows = 400
+    table = pa.table({"image": [{"bytes": bytes([i % 251]) * 200, "path": None} for i in range(rows)],
+                      "text": [f"caption {i}" for i in range(rows)]})
+    local = tmp_path / "part-0.parquet"
+    pq.write_table(table, local, row_group_size=50)
+    fs.put_file(str(local), f"{bucket}/pq/{local.name}")
+    url = f"s3://{bucket}/pq/{local.name}"
+    proxy = FaultProxy(opts["endpoint_url"])
+    try:
+        proxy.add_rule("cut", method="GET", path=r"/pq/", after_bytes=3000, times=None)
+        reader = _reader("parquet", [url], storage_options={**opts, "endpoint_url": proxy.url}, read_attempts=2)
+        got, marker = _outcome(reader, url)
+        assert proxy.fired("cut") >= 2
+    finally:
+        proxy.stop()
+    assert marker[SHARD_MARKER] == MARKER_FAILED and "TransientStorageError" in marker[SHARD_DAMAGE], marker
+    assert marker[SHARD_ROWS] is None and len(got) < rows
 
 
 # -- the driver's side: markers through the writer into ShardProgress --------------------------

@@ -242,7 +242,9 @@ def write_committed_output(root, run_id: str, shards: int = 2, rows: int = 10, s
                  "decode": {**op, "position": 0, "rows_in": n_in, "rows_out": n_in - n_decode, "rejected": n_decode,
                             "rejected_by_reason": {"decode:truncated": n_decode}},
                  "min_side": {**op, "position": 1, "rows_in": n_in - n_decode, "rows_out": totals["kept"],
-                              "rejected": n_small, "rejected_by_reason": {"min_side:too_small": n_small}}}}
+                              "rejected": n_small, "rejected_by_reason": {"min_side:too_small": n_small},
+                              "workers": 2, "cpu_seconds_per_1k_rows": 3.5, "gpu_seconds_per_1k_rows": 1.25}},
+             "writer": {**op, "workers": 1, "cpu_seconds_per_1k_rows": 7.0}}
     ledger.write_json(f"{RUNS}/{run_id}/stats.json", stats)
     return stats
 
@@ -305,6 +307,11 @@ def test_report_is_self_contained_and_shows_every_section(tmp_path):
     # Damaged shards listed; failed/quarantined absent from stats.json -> shown as zero.
     assert "/in/bad.tar" in text and "truncated tar at byte 512" in text
     assert re.search(r'id="failed_shards">[^<]*<span class="ok">0<', text)
+    # Throughput and cost: one row per operator in plan order, then the writer, with its figures.
+    table = re.search(r'<section id="throughput">.*?</section>', text, re.S).group(0)
+    cells = [re.findall(r"<td[^>]*>([^<]*)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table)[1:]]
+    assert [(c[0], c[1], c[5], c[6]) for c in cells] == [
+        ("decode", "1", "20.000", "0.000"), ("min_side", "2", "3.500", "1.250"), ("writer", "1", "7.000", "0.000")]
     # Change against the previous run.
     assert "previous run: 20260101T000000Z-aaa" in text
     assert stats["run_id"] in text
