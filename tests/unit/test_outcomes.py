@@ -154,6 +154,20 @@ def test_a_read_that_keeps_breaking_fails_the_shard_and_is_never_called_damage(t
     assert marker[SHARD_ROWS] is None  # never a row total: a failed shard cannot be committed
 
 
+def test_a_shard_the_store_keeps_throttling_fails_and_is_never_called_damage(tar_on_s3):
+    # 503 SlowDown on every GET: s3fs's own retries, then ours, then the shard fails (left pending).
+    local, url, opts, proxy = tar_on_s3
+    proxy.add_rule("503", method="GET", path=r"/wds/", times=None)
+    # botocore's own backoff (5 attempts, up to 8 s apart) under s3fs's 5 retries under ours would
+    # take minutes to give up; one botocore attempt keeps the same path in seconds.
+    opts = {**opts, "config_kwargs": {"retries": {"max_attempts": 1}}}
+    reader = _reader("webdataset", [url], storage_options=opts, read_attempts=2)
+    rows, marker = _outcome(reader, url)
+    assert proxy.fired("503") >= 2
+    assert rows == [] and marker[SHARD_MARKER] == MARKER_FAILED, marker
+    assert marker[SHARD_ROWS] is None and "tar damaged" not in marker[SHARD_DAMAGE]
+
+
 def test_a_parquet_read_that_keeps_breaking_fails_the_shard_and_is_never_called_damage(s3, tmp_path):
     # pyarrow reads through our resumable file: the transient error must come out of pyarrow as
     # itself, not as an ArrowException/OSError the reader would record as a damaged file.
