@@ -24,7 +24,8 @@ from operators.readers import make_reader
 from pipelines.commit import Committer
 from pipelines.ledger import Ledger, ShardProgress
 from pipelines.lock import RunLock
-from pipelines.plan import Plan, build_dataset, make_plan
+from pipelines.plan import (OperatorStep, Plan, build_dataset, cluster_node_shape, light_share, make_plan,
+                            resolve_resources)
 from pipelines.report import write_run_artifacts
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ FINGERPRINT_THREADS = 16
 
 
 class ResourceError(MmcurateError):
-    """The plan asks for resources (GPUs) the Ray cluster does not have."""
+    """The plan asks for resources (GPUs, or CPUs for its actors) the Ray cluster does not have."""
 
 
 @dataclass
@@ -226,6 +227,41 @@ def check_resources(plan: Plan, cluster_gpus: float, autoscaling: bool = False) 
                         "or set ray.autoscaling: true on an autoscaling cluster")
 
 
+def cpu_demand(steps: list[OperatorStep]) -> float:
+    """CPUs the actor pools hold from the start: ``min_actors x num_cpus`` summed over operators
+    that run on actors (``steps`` with their CPUs resolved, :func:`pipelines.plan.resolve_resources`)."""
+    return sum(s.resources.num_cpus * s.resources.min_actors for s in steps
+               if s.resources.uses_actors and s.resources.num_cpus)
+
+
+def check_cpus(steps: list[OperatorStep], cluster_cpus: float, task_cpus: float, autoscaling: bool = False) -> None:
+    """Fail before any work when the actor pools hold so many CPUs that no read or write task
+    can run beside them (Ray Data would wait until ``no_progress_timeout_s``, seen: 10 minutes
+    for ``num_cpus: 2`` on a 2-core machine).
+
+    Args:
+        steps: operators with resolved resources.
+        cluster_cpus: CPUs in the Ray cluster now.
+        task_cpus: what one read/write task reserves (:func:`pipelines.plan.light_share`).
+        autoscaling: the cluster can add nodes: warn instead.
+
+    Raises:
+        ResourceError: one line with the actors' CPUs per operator and the cluster total.
+    """
+    held = cpu_demand(steps)
+    if held + task_cpus <= cluster_cpus + 1e-9:
+        return
+    parts = ", ".join(f"{s.name} {s.resources.num_cpus:g}x{s.resources.min_actors}" for s in steps
+                      if s.resources.uses_actors and s.resources.num_cpus)
+    msg = (f"model actors hold {held:g} CPU(s) from the start (num_cpus x min_actors: {parts}) and each read or "
+           f"write task needs {task_cpus:g} more, but the Ray cluster has {cluster_cpus:g}")
+    if autoscaling:
+        logger.warning("%s; waiting for the autoscaler to add nodes (ray.autoscaling: true)", msg)
+        return
+    raise ResourceError(f"{msg}: the run could never read; lower num_cpus or min_actors (or leave num_cpus "
+                        "unset to derive it from the node), or add nodes")
+
+
 def file_metadata(cfg: PipelineConfig, plan: Plan, run_id: str, chash: str) -> dict[str, Any]:
     models: dict[str, Any] = {}
     for step in plan.steps:
@@ -353,7 +389,10 @@ def _run_locked(cfg: PipelineConfig, summary: RunSummary, ledger: Ledger, lock: 
     init_ray(cfg)
     import ray
 
-    check_resources(plan, ray.cluster_resources().get("GPU", 0.0), cfg.ray.autoscaling)
+    cluster = ray.cluster_resources()
+    check_resources(plan, cluster.get("GPU", 0.0), cfg.ray.autoscaling)
+    node = cluster_node_shape()
+    check_cpus(resolve_resources(plan.steps, node), cluster.get("CPU", 0.0), light_share(node), cfg.ray.autoscaling)
     meta = file_metadata(cfg, plan, summary.run_id, summary.config_hash)
     info = {"run_id": summary.run_id, "config_hash": summary.config_hash, "pipeline": cfg.name}
 

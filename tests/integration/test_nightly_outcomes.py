@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from ground.errors import StalledError
 from jobs.cli import app
 from jobs.sample_data import draw_image, encode, make_webdataset_shards
-from pipelines.runner import init_ray, run
+from pipelines.runner import ResourceError, init_ray, run
 from tests.faultproxy import FaultProxy
 from tests.helpers import ledger_records, make_config, read_rows
 
@@ -196,6 +196,20 @@ def test_a_stalled_plan_fails_with_one_line_instead_of_hanging(ray_session, tmp_
     with pytest.raises(StalledError) as err:
         run(cfg)
     assert "\n" not in str(err.value) and "no progress for 5s" in str(err.value)
+
+
+def test_model_actors_that_leave_no_cpu_for_reading_fail_before_any_work(ray_session, tmp_path, tiny_models):
+    # Seen: `clip: {resources: {num_cpus: 2}}` on a 2-core machine waited 10 minutes for a read
+    # task that could never start. Now: one line, before a model is loaded or a shard read.
+    make_webdataset_shards(tmp_path / "in", n_shards=1, samples_per_shard=2, seed=7)
+    cpus = ray_session.cluster_resources()["CPU"]
+    cfg = make_config([str(tmp_path / "in" / "00000.tar")], str(tmp_path / "out"),
+                      operators=[{"decode": {}}, {"clip": {"model": tiny_models["clip"],
+                                                           "resources": {"num_cpus": cpus}}}])
+    with pytest.raises(ResourceError, match=rf"model actors hold {cpus:g} CPU\(s\) .* clip {cpus:g}x1\)") as err:
+        run(cfg)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out" / "_mmcurate" / "ledger").exists()
 
 
 def test_an_initialised_ray_is_reused_with_a_warning_and_the_stall_timeout_always_set(ray_session, tmp_path, caplog):

@@ -21,7 +21,7 @@ from operators.readers import make_reader
 from operators.writers.parquet import StagingParquetWriter
 from pipelines.ledger import ShardProgress
 from pipelines.plan import OperatorStep, Plan
-from pipelines.runner import ResourceError, check_resources, gpu_demand
+from pipelines.runner import ResourceError, check_cpus, check_resources, cpu_demand, gpu_demand
 from tests.faultproxy import FaultProxy
 
 HTML_BODY = b"<!DOCTYPE html><html><head><title>503 Service Unavailable</title></head><body>busy</body></html>\n"
@@ -230,6 +230,22 @@ def test_gpu_check_warns_instead_of_failing_on_an_autoscaling_cluster(caplog):
     plan = _plan(Resources(num_gpus=1, min_actors=4, max_actors=4))
     check_resources(plan, cluster_gpus=0, autoscaling=True)
     assert any("need 4 GPU(s)" in r.getMessage() and "autoscaler" in r.getMessage() for r in caplog.records)
+
+
+def test_cpu_check_fails_when_model_actors_leave_no_cpu_for_reading(caplog):
+    # num_cpus: 2 on a 2-core node: the actor holds both cores and no read task can ever start.
+    one = _plan(Resources(num_cpus=2.0, min_actors=1, max_actors=1), Resources(num_cpus=0.125)).steps
+    with pytest.raises(ResourceError, match=r"model actors hold 2 CPU\(s\) from the start \(num_cpus x min_actors: "
+                                            r"op0 2x1\) and each read or write task needs 0.125 more, but the Ray "
+                                            r"cluster has 2: the run could never read"):
+        check_cpus(one, cluster_cpus=2, task_cpus=0.125)
+    check_cpus(one, cluster_cpus=4, task_cpus=0.125)  # fits on a bigger cluster
+    check_cpus(one, cluster_cpus=2, task_cpus=0.125, autoscaling=True)
+    assert any("autoscaler" in r.getMessage() for r in caplog.records)
+    # What the node-derived defaults give on 2 cores fits: two actors of 0.75 CPU, tasks of 0.125.
+    derived = _plan(Resources(num_cpus=0.75, min_actors=2, max_actors=2), Resources(num_cpus=0.125)).steps
+    assert cpu_demand(derived) == 1.5
+    check_cpus(derived, cluster_cpus=2, task_cpus=0.125)
 
 
 # -- redo: the old files of a replaced shard go, even after a crash mid-swap --------------------
