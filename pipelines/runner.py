@@ -220,11 +220,16 @@ def check_resources(plan: Plan, cluster_gpus: float, autoscaling: bool = False) 
                       for s in plan.steps if s.resources.num_gpus)
     msg = (f"operators need {need:g} GPU(s) at once (num_gpus x min_actors: {parts}) but the Ray cluster "
            f"has {cluster_gpus:g}")
+    _short_of(msg, autoscaling, "GPU nodes", "; lower min_actors or num_gpus, set device: cpu and num_gpus: 0, add GPU "
+              "nodes, or set ray.autoscaling: true on an autoscaling cluster")
+
+
+def _short_of(msg: str, autoscaling: bool, nodes: str, advice: str) -> None:
+    """The cluster lacks what the plan holds: warn on an autoscaling cluster, else one-line error."""
     if autoscaling:
-        logger.warning("%s; waiting for the autoscaler to add GPU nodes (ray.autoscaling: true)", msg)
+        logger.warning("%s; waiting for the autoscaler to add %s (ray.autoscaling: true)", msg, nodes)
         return
-    raise ResourceError(f"{msg}; lower min_actors or num_gpus, set device: cpu and num_gpus: 0, add GPU nodes, "
-                        "or set ray.autoscaling: true on an autoscaling cluster")
+    raise ResourceError(msg + advice)
 
 
 def cpu_demand(steps: list[OperatorStep]) -> float:
@@ -255,11 +260,8 @@ def check_cpus(steps: list[OperatorStep], cluster_cpus: float, task_cpus: float,
                       if s.resources.uses_actors and s.resources.num_cpus)
     msg = (f"model actors hold {held:g} CPU(s) from the start (num_cpus x min_actors: {parts}) and each read or "
            f"write task needs {task_cpus:g} more, but the Ray cluster has {cluster_cpus:g}")
-    if autoscaling:
-        logger.warning("%s; waiting for the autoscaler to add nodes (ray.autoscaling: true)", msg)
-        return
-    raise ResourceError(f"{msg}: the run could never read; lower num_cpus or min_actors (or leave num_cpus "
-                        "unset to derive it from the node), or add nodes")
+    _short_of(msg, autoscaling, "nodes", ": the run could never read; lower num_cpus or min_actors (or leave num_cpus "
+              "unset to derive it from the node), or add nodes")
 
 
 def file_metadata(cfg: PipelineConfig, plan: Plan, run_id: str, chash: str) -> dict[str, Any]:
