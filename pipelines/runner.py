@@ -149,14 +149,25 @@ def init_ray(cfg: PipelineConfig) -> None:
             _connect(address, kwargs, cfg.ray.connect_timeout_s)
         else:
             kwargs["address"] = "local"  # never the cluster named in Ray's address file
+            # Ray announces at every local start that token auth is on (its default) and how to
+            # opt out; for the private Ray a run starts and stops that is noise a new user cannot
+            # act on. Auth stays on; Ray's warning when it is *off* still shows.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_hide_auth_on_notice)
             if cfg.ray.num_cpus:
                 kwargs["num_cpus"] = cfg.ray.num_cpus
             if cfg.ray.object_store_memory_mb:
                 kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
             ray.init(**kwargs)
     ctx = DataContext.get_current()
+    # Our fused stages have long names; Ray Data shortens them in its progress lines and warns
+    # that it did. Full names, no warning.
+    ctx.enable_progress_bar_name_truncation = False
     ctx.execution_options.preserve_order = False
     ctx.execution_no_progress_timeout_s = cfg.ray.no_progress_timeout_s
+
+
+def _hide_auth_on_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def _connect(address: str, kwargs: dict[str, Any], timeout_s: float) -> None:
