@@ -243,11 +243,15 @@ def _short_of(msg: str, autoscaling: bool, nodes: str, advice: str) -> None:
     raise ResourceError(msg + advice)
 
 
+def _cpu_holders(steps: list[OperatorStep]) -> list[OperatorStep]:
+    """Operators whose actors hold CPUs for the whole run."""
+    return [s for s in steps if s.resources.uses_actors and s.resources.num_cpus]
+
+
 def cpu_demand(steps: list[OperatorStep]) -> float:
     """CPUs the actor pools hold from the start: ``min_actors x num_cpus`` summed over operators
     that run on actors (``steps`` with their CPUs resolved, :func:`pipelines.plan.resolve_resources`)."""
-    return sum(s.resources.num_cpus * s.resources.min_actors for s in steps
-               if s.resources.uses_actors and s.resources.num_cpus)
+    return sum(s.resources.num_cpus * s.resources.min_actors for s in _cpu_holders(steps))
 
 
 def check_cpus(steps: list[OperatorStep], cluster_cpus: float, task_cpus: float, autoscaling: bool = False) -> None:
@@ -267,8 +271,7 @@ def check_cpus(steps: list[OperatorStep], cluster_cpus: float, task_cpus: float,
     held = cpu_demand(steps)
     if held + task_cpus <= cluster_cpus + 1e-9:
         return
-    parts = ", ".join(f"{s.name} {s.resources.num_cpus:g}x{s.resources.min_actors}" for s in steps
-                      if s.resources.uses_actors and s.resources.num_cpus)
+    parts = ", ".join(f"{s.name} {s.resources.num_cpus:g}x{s.resources.min_actors}" for s in _cpu_holders(steps))
     msg = (f"model actors hold {held:g} CPU(s) from the start (num_cpus x min_actors: {parts}) and each read or "
            f"write task needs {task_cpus:g} more, but the Ray cluster has {cluster_cpus:g}")
     _short_of(msg, autoscaling, "nodes", ": the run could never read; lower num_cpus or min_actors (or leave num_cpus "
