@@ -333,6 +333,14 @@ class Ledger:
         leftovers = [p for p in self._find(self._p(STAGING))
                      if p[len(self._p(STAGING)) + 1:].split("/", 1)[0] in tags]
         self.remove(leftovers)
+        if self._local:  # local folders outlive their files; a kill inside rm(recursive) leaves some
+            try:
+                folders = self.fs.ls(self._p(STAGING), detail=False)
+            except FileNotFoundError:
+                folders = []
+            for folder in folders:
+                if folder.rstrip("/").rsplit("/", 1)[-1] in tags:
+                    self.fs.rm(folder, recursive=True)
         return len(leftovers)
 
     def _write_json(self, path: str, obj: dict[str, Any]) -> None:

@@ -636,6 +636,11 @@ def select(cfg: SelectConfig, source: str, target: str, source_options: dict[str
         summary.plans += 1
         _run_plan(cfg, plan, dst, index, source_options, target, target_options, run_id, dhash, summary, ray_config,
                   input_rows)
+    # A run killed between a file's record and its staging delete left parts (or, locally, an
+    # emptied folder) that no later plan looks at: that file is never pending again.
+    swept = dst.sweep_staging(dst.committed_tags())
+    if swept:
+        logger.info("deleted %d staged leftover(s) of committed files", swept)
     summary.elapsed_s = time.time() - started
     dst.write_json(f"{RUNS}/{run_id}/stats.json", summary.to_dict())
     return summary

@@ -237,3 +237,24 @@ def test_kill_9_during_select_then_rerun_equals_an_uninterrupted_select(ray_sess
     select(SelectConfig.model_validate(conf), str(out), str(killed))
     assert _verdicts(killed) == _verdicts(reference)
     assert not list((killed / "_mmcurate" / "staging").glob("*/*"))
+
+
+def test_staging_left_by_a_select_killed_after_a_record_is_swept_even_when_nothing_is_pending(ray_session, tmp_path):
+    # Seen in CI: kill -9 landed between a file's ledger record and the delete of its staging
+    # folder. That file is never pending again, so only an end-of-run sweep over committed files
+    # removes what it left: locally an emptied folder (staging/<tag>/index) as well as parts.
+    pics = _pictures(5, 2)
+    out, cur = tmp_path / "out", tmp_path / "cur"
+    write_annotated_output(str(out), {"file:///src/only.tar": [_image_row(f"k{j}", jpeg(pics[j], 90)) for j in (0, 1)]})
+    cfg = SelectConfig.model_validate({"dedup": DEDUP})
+    assert select(cfg, str(out), str(cur)).files_committed == 1
+    (tag,) = [p.stem for p in (cur / "_mmcurate" / "ledger").glob("*.json")]
+    staging = cur / "_mmcurate" / "staging"
+    (staging / tag / "index").mkdir(parents=True)
+    (staging / tag / "data").mkdir(parents=True)
+    (staging / tag / "data" / "killed-run-part.parquet").write_bytes(b"a part the killed run never deleted")
+
+    summary = select(cfg, str(out), str(cur))
+
+    assert summary.files_committed == 0 and summary.files_skipped == 1
+    assert not list(staging.glob("*")), "leftovers of a committed file survived the rerun"
