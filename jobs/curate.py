@@ -57,8 +57,9 @@ def print_select_summary(summary) -> None:
     echo_counts("files", d["files"], d)
 
 
-def run_select(select_cfg, ray_cfg, source: str | None, target: str | None):
-    """Resolve --from/--to against the config and run phase 2."""
+def run_select(select_cfg, ray_cfg, source: str | None, target: str | None, break_lock: bool = False,
+               lock_ttl_s: float = 600.0):
+    """Resolve --from/--to against the config and run phase 2 under the target's run lock."""
     from pipelines.select.runner import select
 
     source_options: dict[str, Any] = {}
@@ -75,22 +76,23 @@ def run_select(select_cfg, ray_cfg, source: str | None, target: str | None):
         raise ConfigError("select: no output: pass --to CURATED (or set select.output.path)")
     if source.rstrip("/") == target.rstrip("/"):
         raise ConfigError(f"select: --from and --to are the same place ({source}); curated output needs its own root")
-    return select(select_cfg, source, target, source_options, target_options, ray_cfg)
+    return select(select_cfg, source, target, source_options, target_options, ray_cfg, break_lock=break_lock,
+                  lock_ttl_s=lock_ttl_s)
 
 
 def run_after_annotate(cfg) -> None:
     """The phase-1 hook: ``mmcurate run`` with a ``select:`` section selects right after annotating."""
-    print_select_summary(run_select(cfg.select, cfg.ray, cfg.output.path, None))
+    print_select_summary(run_select(cfg.select, cfg.ray, cfg.output.path, None, lock_ttl_s=cfg.output.lock_ttl_s))
 
 
 def _phase2(config: Path, source: Optional[str], target: Optional[str], overrides: list[str], log_level: str,
-            rules: bool) -> None:
+            rules: bool, break_lock: bool) -> None:
     """Load CONFIG's select section (without its rules for ``dedup``), run it and print the summary."""
     setup_logging(log_level)
     select_cfg, ray_cfg, default_source = load_select(config, overrides)
     if not rules:
         select_cfg = select_cfg.model_copy(update={"rules": []})
-    print_select_summary(run_select(select_cfg, ray_cfg, source or default_source, target))
+    print_select_summary(run_select(select_cfg, ray_cfg, source or default_source, target, break_lock))
 
 
 CONFIG_ARG = typer.Argument(..., help="pipeline YAML with a select: section, or a select YAML")
@@ -98,17 +100,22 @@ FROM_OPT = typer.Option(None, "--from", help="annotated output (phase 1 OUT)")
 TO_OPT = typer.Option(None, "--to", help="curated output root")
 SET_OPT = typer.Option(None, "--set", help="override: dotted.key=YAML value")
 LOG_OPT = typer.Option("INFO", help="DEBUG, INFO, WARNING")
+BREAK_OPT = typer.Option(False, "--break-lock", help="take the curated output's run lock even if another run holds it")
 
 
 def register(app: typer.Typer) -> None:
     @app.command("select")
     def select_cmd(config: Path = CONFIG_ARG, source: Optional[str] = FROM_OPT, target: Optional[str] = TO_OPT,
-                   set_: Optional[list[str]] = SET_OPT, log_level: str = LOG_OPT) -> None:
-        """Phase 2: apply rules and dedup to OUT/data, writing CURATED/data and CURATED/rejected exactly once."""
-        _phase2(config, source, target, set_ or [], log_level, rules=True)
+                   set_: Optional[list[str]] = SET_OPT, log_level: str = LOG_OPT,
+                   break_lock: bool = BREAK_OPT) -> None:
+        """Phase 2: apply rules and dedup to OUT/data, writing CURATED/data and CURATED/rejected exactly once.
+
+        Exit 4 when another select holds CURATED's run lock."""
+        _phase2(config, source, target, set_ or [], log_level, rules=True, break_lock=break_lock)
 
     @app.command("dedup")
     def dedup_cmd(config: Path = CONFIG_ARG, source: Optional[str] = FROM_OPT, target: Optional[str] = TO_OPT,
-                  set_: Optional[list[str]] = SET_OPT, log_level: str = LOG_OPT) -> None:
+                  set_: Optional[list[str]] = SET_OPT, log_level: str = LOG_OPT,
+                  break_lock: bool = BREAK_OPT) -> None:
         """Phase 2 with only the dedup methods of CONFIG (its rules are ignored)."""
-        _phase2(config, source, target, set_ or [], log_level, rules=False)
+        _phase2(config, source, target, set_ or [], log_level, rules=False, break_lock=break_lock)

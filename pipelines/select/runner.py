@@ -38,13 +38,14 @@ import pyarrow.parquet as pq
 import yaml
 
 from ground import SCHEMA_VERSION, __version__
-from ground.errors import AccountingError, ConfigError
+from ground.errors import AccountingError, ConfigError, LockHeldError
 from ground.layout import DATA, LEDGER, META_DIR, REJECTED, RUNS, STAGING, shard_tag
 from ground.schema import MMCURATE_METADATA_KEY, PHASH_WINDOWS_TYPE as WINDOWS_TYPE
 from ground.storage import filesystem, is_local, join, retry, to_url
 from operators.dedup import graph
 from pipelines.config import RayConfig
 from pipelines.ledger import Ledger, ShardProgress
+from pipelines.lock import RunLock
 from pipelines.select import tables as T
 from pipelines.select.config import SORT_SHUFFLE_MAX_ROWS, SelectConfig, TopFraction
 from pipelines.select.index import EXACT, PHASH, DedupIndex, semantic_kind
@@ -606,12 +607,16 @@ def _next_plan(dst: Ledger, files: list[str], dhash: str, done_plans: set[str]) 
 
 def select(cfg: SelectConfig, source: str, target: str, source_options: dict[str, Any] | None = None,
            target_options: dict[str, Any] | None = None, ray_config: RayConfig | None = None,
-           run_id: str | None = None) -> SelectSummary:
+           run_id: str | None = None, break_lock: bool = False, lock_ttl_s: float = 600.0) -> SelectSummary:
     """Run phase 2 from the annotated output ``source`` into the curated output ``target``.
+
+    The curated output has the same run lock as an annotated one (``CURATED/_mmcurate/lock``,
+    see ``pipelines.lock``): two selects into one target never overlap.
 
     Raises:
         ConfigError: a rule or method names a column the input lacks (checked on one file's
             schema before any work), or ``source`` is not an mmcurate output.
+        LockHeldError: another select holds the target's lock (or took it over mid-run).
     """
     started = time.time()
     source_options, target_options = source_options or {}, target_options or {}
@@ -622,6 +627,19 @@ def select(cfg: SelectConfig, source: str, target: str, source_options: dict[str
     summary.files_found = len(files)
     if files:
         cfg.check_schema(read_schema(files[0], source_options), files[0])
+    lock = RunLock(target, target_options, run_id, lock_ttl_s)
+    lock.acquire(break_lock=break_lock)
+    try:
+        return _select_locked(cfg, source_options, target, target_options, ray_config, run_id, lock, summary,
+                              files, input_rows, started)
+    finally:
+        lock.release()
+
+
+def _select_locked(cfg: SelectConfig, source_options, target: str, target_options, ray_config: RayConfig | None,
+                   run_id: str, lock: RunLock, summary: SelectSummary, files: list[str], input_rows: int,
+                   started: float) -> SelectSummary:
+    dhash = summary.decision_hash
     dst = Ledger(target, target_options)
     index = DedupIndex(target, target_options) if cfg.index else None
     dst.write_text(f"{RUNS}/{run_id}/select.yaml", yaml.safe_dump(
@@ -635,7 +653,7 @@ def select(cfg: SelectConfig, source: str, target: str, source_options: dict[str
         done_plans.add(plan.plan_id)
         summary.plans += 1
         _run_plan(cfg, plan, dst, index, source_options, target, target_options, run_id, dhash, summary, ray_config,
-                  input_rows)
+                  input_rows, lock)
     # A run killed between a file's record and its staging delete left parts (or, locally, an
     # emptied folder) that no later plan looks at: that file is never pending again.
     swept = dst.sweep_staging(dst.committed_tags())
@@ -648,7 +666,7 @@ def select(cfg: SelectConfig, source: str, target: str, source_options: dict[str
 
 def _run_plan(cfg: SelectConfig, plan: _Plan, dst: Ledger, index: DedupIndex | None, source_options, target,
               target_options, run_id: str, dhash: str, summary: SelectSummary, ray_config: RayConfig | None,
-              input_rows: int) -> None:
+              input_rows: int, lock: RunLock) -> None:
     from ray.data import DataContext
 
     from pipelines.runner import init_ray
@@ -681,7 +699,7 @@ def _run_plan(cfg: SelectConfig, plan: _Plan, dst: Ledger, index: DedupIndex | N
     data_ctx = DataContext.get_current()
     previous, data_ctx.shuffle_strategy = data_ctx.shuffle_strategy, strategy
     try:
-        _execute_plan(ctx, plan, dst, index, file_meta, run_id, dhash, summary)
+        _execute_plan(ctx, plan, dst, index, file_meta, run_id, dhash, summary, lock)
     finally:
         data_ctx.shuffle_strategy = previous
 
@@ -702,12 +720,15 @@ def shuffle_strategy(choice: str, input_rows: int):
 
 
 def _execute_plan(ctx: _Context, plan: _Plan, dst: Ledger, index: DedupIndex | None, file_meta: dict[str, Any],
-                  run_id: str, dhash: str, summary: SelectSummary) -> None:
+                  run_id: str, dhash: str, summary: SelectSummary, lock: RunLock) -> None:
     ds = _select_plan(ctx, index, file_meta)
     info = {"run_id": run_id, "plan_id": plan.plan_id, "decision_hash": dhash, "phase": "select"}
     progress: dict[str, ShardProgress] = {}
 
     def commit(p: ShardProgress) -> None:
+        if lock.lost:
+            raise LockHeldError(f"run lock {lock.path} was taken over by another run; stopping before "
+                                f"committing {p.shard}")
         tag = shard_tag(p.shard)
         if index:
             staged = [x for x in _ls(dst, join(dst.root, STAGING, tag, "index")) if x.endswith(".parquet")]

@@ -26,6 +26,7 @@ from PIL import Image
 
 from benchmarks.dedup_planted_noise import base_image, jpeg, near_duplicate
 from operators.dedup.phash import hamming, phash64, phash_with_windows
+from pipelines.lock import RunLock
 from pipelines.select.config import SelectConfig
 from pipelines.select.runner import select
 from tests.integration.select_support import row, write_annotated_output
@@ -258,3 +259,35 @@ def test_staging_left_by_a_select_killed_after_a_record_is_swept_even_when_nothi
 
     assert summary.files_committed == 0 and summary.files_skipped == 1
     assert not list(staging.glob("*")), "leftovers of a committed file survived the rerun"
+
+
+def test_a_select_into_a_target_another_select_holds_exits_4_naming_it_and_break_lock_takes_over(ray_session, s3,
+                                                                                                  tmp_path):
+    # Two selects into one curated output (a nightly select overlapping yesterday's) would delete
+    # each other's staged files: the target has the same conditional-write lease as a run's output.
+    fs, opts, bucket = s3
+    out, cur = f"s3://{bucket}/out", f"s3://{bucket}/cur"
+    pics = _pictures(6, 2)
+    write_annotated_output(out, {"s3://src/a.tar": [_image_row(f"k{j}", jpeg(pics[j], 90)) for j in (0, 1)]}, opts)
+    holder = RunLock(cur, opts, "select-yesterday", ttl_s=600)
+    holder.acquire()
+    try:
+        conf = tmp_path / "sel.yaml"
+        conf.write_text(yaml.safe_dump({"select": {"dedup": DEDUP, "input": {"path": out, "storage_options": opts},
+                                                   "output": {"path": cur, "storage_options": opts}}}))
+        proc = subprocess.run([sys.executable, "-m", "jobs.cli", "select", str(conf)], cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 4, proc.stderr[-2000:]
+        (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("mmcurate: error:")]
+        assert "output is locked by run select-yesterday on" in line and "--break-lock" in line
+        fs.invalidate_cache()
+        assert not fs.exists(f"{bucket}/cur/_mmcurate/ledger"), "a refused select must not touch the target"
+
+        summary = select(SelectConfig.model_validate({"dedup": DEDUP}), out, cur, opts, opts, break_lock=True)
+        assert summary.files_committed == 1
+        assert not holder.renew() and holder.lost, "the broken lease must no longer be the holder's"
+    finally:
+        holder.release()
+    fs.invalidate_cache()
+    assert not fs.exists(f"{bucket}/cur/_mmcurate/lock"), "the select that broke the lock must release it"
