@@ -100,8 +100,12 @@ def test_missing_input_and_unreachable_bucket_are_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_error_inside_a_ray_task_is_one_line_exit_1_and_debug_shows_the_traceback(tmp_path, tiny_models):
-    """A model that loads but fails on every row: the run stops with exit 1 and one line."""
+def test_an_error_inside_a_ray_task_is_one_line_exit_1_and_debug_shows_the_traceback(ray_session, tmp_path,
+                                                                                      tiny_models):
+    """A model that loads but fails on every row: the run stops with exit 1 and one line.
+
+    The runs join the session's Ray (``RAY_ADDRESS``, as inside a Ray job): what is under test is
+    how an error raised in a worker reaches the terminal, not starting Ray."""
     make_webdataset_shards(tmp_path / "shards", n_shards=1, samples_per_shard=4)
     broken = tmp_path / "broken-clip"
     shutil.copytree(tiny_models["clip"], broken)
@@ -111,7 +115,8 @@ def test_an_error_inside_a_ray_task_is_one_line_exit_1_and_debug_shows_the_trace
     cfg = _config(tmp_path, input={"format": "webdataset", "paths": [str(tmp_path / "shards" / "00000.tar")]},
                   operators=[{"decode": {}}, {"clip": {"model": str(broken), "resources": {"batch_size": 8, "max_actors": 1}}}])
 
-    proc = mmcurate("run", str(cfg), "--log-level", "WARNING")
+    joined = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = mmcurate("run", str(cfg), "--log-level", "WARNING", env=joined)
     assert proc.returncode == 1, proc.stderr[-3000:]
     # Workers' own warnings may be forwarded to stderr too; the failure itself is one line, last.
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("mmcurate: error:")]
@@ -125,7 +130,7 @@ def test_an_error_inside_a_ray_task_is_one_line_exit_1_and_debug_shows_the_trace
     assert ("mean must have 3 elements" in line or "[1, 3, 1, 1]" in line), line
     assert line.endswith("(rerun with --log-level DEBUG for the traceback)")
 
-    debug = mmcurate("run", str(cfg), "--log-level", "DEBUG")
+    debug = mmcurate("run", str(cfg), "--log-level", "DEBUG", env=joined)
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr
     assert debug.stderr.strip().splitlines()[-1] == line

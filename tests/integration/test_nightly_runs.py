@@ -1,7 +1,8 @@
 """Unattended runs as a scheduler sees them: exit codes, the run lock between two processes,
 incremental runs over changed and appended inputs, and ``mmcurate runs``.
 
-``mmcurate`` runs here are real subprocesses (each starts its own local Ray); S3 is the real
+``mmcurate`` runs here are real subprocesses (joining the session's Ray, or starting their own
+where Ray's address is what is tested); S3 is the real
 moto server, with ``tests/faultproxy.py`` holding one read so a run is caught mid-way.
 """
 
@@ -57,14 +58,16 @@ def row_list(fs, root: str) -> list[tuple]:
     return sorted(out, key=repr)
 
 
-def test_exit_3_names_each_failed_shard_and_exit_2_names_an_unreachable_ray(tmp_path):
+def test_exit_3_names_each_failed_shard_and_exit_2_names_an_unreachable_ray(ray_session, tmp_path):
     make_webdataset_shards(tmp_path / "in", n_shards=1, samples_per_shard=3, seed=8)
     (tmp_path / "in" / "00001.tar").mkdir()  # listed like a shard, unreadable on every run
     (tmp_path / "in" / "00002.tar").write_bytes(b"")  # permanently bad bytes: damaged, committed
     out = tmp_path / "out"
     config = write_config(tmp_path / "p.yaml", [str(tmp_path / "in" / "*.tar")], str(out),
                           shard_retries=0)
-    proc = mmcurate("run", str(config), "--log-level", "WARNING")
+    # This run joins the session's Ray (a scheduler's run on a cluster); the runs below name dead ones.
+    proc = mmcurate("run", str(config), "--log-level", "WARNING",
+                    env={"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})
     assert proc.returncode == 3, proc.stderr[-2000:]
     failed = [ln for ln in proc.stdout.splitlines() if ln.startswith("failed shard ")]
     assert len(failed) == 1 and f"{tmp_path}/in/00001.tar: " in failed[0]
@@ -112,7 +115,7 @@ def test_exit_3_names_each_failed_shard_and_exit_2_names_an_unreachable_ray(tmp_
     assert proc.returncode == 2 and f"cannot reach Ray at 127.0.0.1:{port}" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_a_second_run_on_the_same_output_is_refused_and_a_stale_lease_is_taken_over(s3, tmp_path):
+def test_a_second_run_on_the_same_output_is_refused_and_a_stale_lease_is_taken_over(ray_session, s3, tmp_path):
     fs, opts, bucket = s3
     for p in make_webdataset_shards(tmp_path / "wds", n_shards=2, samples_per_shard=4, seed=9):
         fs.put_file(str(p), f"{bucket}/wds/{p.name}")
@@ -123,7 +126,9 @@ def test_a_second_run_on_the_same_output_is_refused_and_a_stale_lease_is_taken_o
         inputs, out = [f"s3://{bucket}/wds/{{00000..00001}}.tar"], f"s3://{bucket}/out"
         slow = write_config(tmp_path / "slow.yaml", inputs, out, {"endpoint_url": proxy.url})
         direct = write_config(tmp_path / "direct.yaml", inputs, out, {"endpoint_url": opts["endpoint_url"]})
-        env = dict(os.environ, PYTHONPATH=str(REPO), RAY_DATA_DISABLE_PROGRESS_BARS="1")
+        # The first run joins the session's Ray; the lock is taken before Ray either way.
+        env = dict(os.environ, PYTHONPATH=str(REPO), RAY_DATA_DISABLE_PROGRESS_BARS="1",
+                   RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
         first = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(slow), "--log-level", "WARNING"],
                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:

@@ -7,6 +7,8 @@ damaged image all fail. On S3 the kills land at known points through ``tests/fau
 between a shard's published files and its ledger record, in the middle of publishing, and
 in the middle of reading. Kill points are keyed on requests that stay stable whatever the
 publish mechanism (the ledger record PUT, any PUT under data/ or rejected/, input GETs).
+The local-disk runs start their own Ray (the embedded default: the kill takes Ray with it); the
+S3 runs join the session's Ray as drivers on a cluster do (the kill leaves the job's workers).
 """
 
 from __future__ import annotations
@@ -64,15 +66,17 @@ def _write_config(path: Path, paths: list[str], out: str, in_opts: dict | None =
     return path
 
 
-def _start(config: Path) -> subprocess.Popen:
-    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(REPO))
+def _start(config: Path, ray_address: str) -> subprocess.Popen:
+    """``mmcurate run`` in a new process group; ``ray_address`` "local" (its own Ray, the embedded
+    default) or the session Ray's address (a driver joining a running cluster, as on a head node)."""
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(REPO), RAY_ADDRESS=ray_address)
     return subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(config), "--log-level", "WARNING"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the run's whole process group (driver and the Ray it started)."""
+    """SIGKILL the run's whole process group (the driver, and the Ray it started if it started one)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -80,19 +84,19 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _finish(config: Path) -> None:
+def _finish(config: Path, ray_address: str) -> None:
     for attempt in range(START_ATTEMPTS):
-        final = _start(config)
+        final = _start(config, ray_address)
         _, err = final.communicate(timeout=WAIT_S * 2)
         if final.returncode == 0 or RAY_START_TIMEOUT not in err.decode() or attempt == START_ATTEMPTS - 1:
             break
     assert final.returncode == 0, err.decode()[-2000:]
 
 
-def _start_until(config: Path, reached, what: str) -> subprocess.Popen:
+def _start_until(config: Path, reached, what: str, ray_address: str) -> subprocess.Popen:
     """Start a run and return it, still running, once ``reached()`` is true (then kill it)."""
     for attempt in range(START_ATTEMPTS):
-        proc = _start(config)
+        proc = _start(config, ray_address)
         deadline = time.time() + WAIT_S
         while not reached():
             if proc.poll() is not None:
@@ -138,7 +142,7 @@ def _committed(fs, out: str) -> int:
 def _kill_after(config: Path, ledger: Path, at_least: int) -> int:
     """SIGKILL a run once ``at_least`` shards are committed (local disk: no proxy to hold it)."""
     count = lambda: len(list(ledger.glob("*.json"))) if ledger.exists() else 0  # noqa: E731
-    proc = _start_until(config, lambda: count() >= at_least, f"{at_least} committed shard(s)")
+    proc = _start_until(config, lambda: count() >= at_least, f"{at_least} committed shard(s)", "local")
     _kill(proc)
     return count()
 
@@ -161,13 +165,13 @@ def test_sigkill_on_local_disk_then_rerun_matches_uninterrupted_run(ray_session,
     config = _write_config(tmp_path / "resume.yaml", [str(shards / "*.tar")], str(out))
     killed_at = _kill_after(config, out / "_mmcurate" / "ledger", at_least=1)
     assert killed_at < n_shards, "the run finished before the kill; make it slower"
-    _finish(config)
+    _finish(config, "local")
     _check_committed_output(fs, str(out), reference, n_shards)
 
 
-def _held(config: Path, rule: Rule) -> subprocess.Popen:
+def _held(config: Path, rule: Rule, ray_address: str) -> subprocess.Popen:
     """Start a run; return it once it has sent the request ``rule`` holds (it cannot get past it)."""
-    return _start_until(config, rule.waiting.is_set, f"a request matching {rule.method} {rule.path}")
+    return _start_until(config, rule.waiting.is_set, f"a request matching {rule.method} {rule.path}", ray_address)
 
 
 def _held_target(proxy: FaultProxy, rule: Rule) -> str:
@@ -189,6 +193,10 @@ def test_sigkill_on_s3_at_ledger_publish_and_read_then_rerun_matches(ray_session
     reference = row_list(fs, f"{bucket}/ref")
     assert len(reference) == n_shards * (GOOD + BAD)
 
+    # These runs join the session's Ray as a driver on a cluster's head node would: a SIGKILL
+    # kills only the driver, and the workers of its job outlive it for a moment (Ray reaps them),
+    # the harder case for exactly-once. (The local-disk test kills a run with its own Ray.)
+    cluster = ray_session.get_runtime_context().gcs_address
     proxy = FaultProxy(s3_server)
     try:
         via_proxy = {"endpoint_url": proxy.url, "key": TEST_KEY, "secret": TEST_SECRET}
@@ -199,7 +207,7 @@ def test_sigkill_on_s3_at_ledger_publish_and_read_then_rerun_matches(ray_session
         # one (the committer publishes several shards in parallel: a third shard's record must not
         # slip past while the second is held).
         rule = proxy.add_rule("hold", method="PUT", path=r"_mmcurate/ledger/[^/?]+\.json", skip=1, times=None)
-        proc = _held(config, rule)
+        proc = _held(config, rule, cluster)
         tag = re.search(r"_mmcurate/ledger/([^/?]+)\.json", _held_target(proxy, rule)).group(1)
         fs.invalidate_cache()
         published = [p for p in fs.find(f"{out}/data") if p.rsplit("/", 1)[-1].startswith(tag)]
@@ -211,18 +219,18 @@ def test_sigkill_on_s3_at_ledger_publish_and_read_then_rerun_matches(ray_session
 
         # 2. Mid-publish: hold the second PUT (or server-side copy) of a file under data/ or rejected/.
         rule = proxy.add_rule("hold", method="PUT", path=r"/(data|rejected)/[^?]*\.parquet", skip=1)
-        proc = _held(config, rule)
+        proc = _held(config, rule, cluster)
         _kill(proc)
         proxy.clear()
 
         # 3. Mid-read: hold a ranged GET of an input shard while earlier rows are in flight.
         rule = proxy.add_rule("hold", method="GET", path=r"/in/\d+\.tar", skip=2)
-        proc = _held(config, rule)
+        proc = _held(config, rule, cluster)
         _kill(proc)
         proxy.clear()
         assert _committed(fs, out) < n_shards, "every shard committed before the last kill"
 
-        _finish(config)
+        _finish(config, cluster)
         _check_committed_output(fs, out, reference, n_shards)
         # The held ledger PUT was dropped, never forwarded after its sender died. (Requests held
         # from Ray workers may outlive the kill of the driver's process group by a moment, so

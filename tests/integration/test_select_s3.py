@@ -222,10 +222,13 @@ def test_kill_9_during_select_then_rerun_equals_an_uninterrupted_select(ray_sess
 
     killed = tmp_path / "killed"
     (tmp_path / "sel.yaml").write_text(yaml.safe_dump({"select": conf, "ray": {"num_cpus": 2}}))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "select", str(tmp_path / "sel.yaml"), "--from", str(out),
-                             "--to", str(killed)], env=env, cwd=tmp_path, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The select joins the session's Ray as a driver on a cluster would; the kill takes only it.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    err = tmp_path / "select.err"
+    with err.open("wb") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "select", str(tmp_path / "sel.yaml"), "--from",
+                                 str(out), "--to", str(killed)], env=env, cwd=tmp_path, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=err_file)
     ledger = killed / "_mmcurate" / "ledger"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and not list(ledger.glob("*.json")):
@@ -233,7 +236,8 @@ def test_kill_9_during_select_then_rerun_equals_an_uninterrupted_select(ray_sess
     committed_at_kill = len(list(ledger.glob("*.json")))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert 0 < committed_at_kill < 6, "the kill must land between the first and the last commit"
+    assert 0 < committed_at_kill < 6, ("the kill must land between the first and the last commit; the select's "
+                                       f"stderr ends: {err.read_text(errors='replace')[-2000:]}")
 
     select(SelectConfig.model_validate(conf), str(out), str(killed))
     assert _verdicts(killed) == _verdicts(reference)
