@@ -330,17 +330,21 @@ class Ledger:
         One listing of ``staging/``, which holds only in-flight and leftover parts (committed
         shards' parts are deleted at commit), so the cost does not grow with the output.
         """
-        leftovers = [p for p in self._find(self._p(STAGING))
-                     if p[len(self._p(STAGING)) + 1:].split("/", 1)[0] in tags]
-        self.remove(leftovers)
-        if self._local:  # local folders outlive their files; a kill inside rm(recursive) leaves some
+        root = self._p(STAGING)
+        if self._local:
+            # Local folders outlive their files (a kill inside a commit's rm(recursive) can leave an
+            # emptied one): each committed shard's folder goes whole.
             try:
-                folders = self.fs.ls(self._p(STAGING), detail=False)
+                folders = [f for f in self.fs.ls(root, detail=False) if f.rstrip("/").rsplit("/", 1)[-1] in tags]
             except FileNotFoundError:
-                folders = []
+                return 0
+            swept = 0
             for folder in folders:
-                if folder.rstrip("/").rsplit("/", 1)[-1] in tags:
-                    self.fs.rm(folder, recursive=True)
+                swept += len(self._find(folder))
+                self.fs.rm(folder, recursive=True)
+            return swept
+        leftovers = [p for p in self._find(root) if p[len(root) + 1:].split("/", 1)[0] in tags]
+        self.remove(leftovers)
         return len(leftovers)
 
     def _write_json(self, path: str, obj: dict[str, Any]) -> None:

@@ -100,7 +100,7 @@ def test_missing_input_and_unreachable_bucket_are_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_error_inside_a_ray_task_is_one_line_exit_1_and_debug_shows_the_traceback(ray_session, tmp_path,
+def test_an_error_inside_a_ray_task_is_one_line_exit_1_and_debug_shows_the_traceback(session_ray_address, tmp_path,
                                                                                       tiny_models):
     """A model that loads but fails on every row: the run stops with exit 1 and one line.
 
@@ -115,7 +115,7 @@ def test_an_error_inside_a_ray_task_is_one_line_exit_1_and_debug_shows_the_trace
     cfg = _config(tmp_path, input={"format": "webdataset", "paths": [str(tmp_path / "shards" / "00000.tar")]},
                   operators=[{"decode": {}}, {"clip": {"model": str(broken), "resources": {"batch_size": 8, "max_actors": 1}}}])
 
-    joined = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    joined = {"RAY_ADDRESS": session_ray_address}
     proc = mmcurate("run", str(cfg), "--log-level", "WARNING", env=joined)
     assert proc.returncode == 1, proc.stderr[-3000:]
     # Workers' own warnings may be forwarded to stderr too; the failure itself is one line, last.

@@ -58,7 +58,7 @@ def row_list(fs, root: str) -> list[tuple]:
     return sorted(out, key=repr)
 
 
-def test_exit_3_names_each_failed_shard_and_exit_2_names_an_unreachable_ray(ray_session, tmp_path):
+def test_exit_3_names_each_failed_shard_and_exit_2_names_an_unreachable_ray(session_ray_address, tmp_path):
     make_webdataset_shards(tmp_path / "in", n_shards=1, samples_per_shard=3, seed=8)
     (tmp_path / "in" / "00001.tar").mkdir()  # listed like a shard, unreadable on every run
     (tmp_path / "in" / "00002.tar").write_bytes(b"")  # permanently bad bytes: damaged, committed
@@ -67,7 +67,7 @@ def test_exit_3_names_each_failed_shard_and_exit_2_names_an_unreachable_ray(ray_
                           shard_retries=0)
     # This run joins the session's Ray (a scheduler's run on a cluster); the runs below name dead ones.
     proc = mmcurate("run", str(config), "--log-level", "WARNING",
-                    env={"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})
+                    env={"RAY_ADDRESS": session_ray_address})
     assert proc.returncode == 3, proc.stderr[-2000:]
     failed = [ln for ln in proc.stdout.splitlines() if ln.startswith("failed shard ")]
     assert len(failed) == 1 and f"{tmp_path}/in/00001.tar: " in failed[0]
@@ -115,7 +115,8 @@ def test_exit_3_names_each_failed_shard_and_exit_2_names_an_unreachable_ray(ray_
     assert proc.returncode == 2 and f"cannot reach Ray at 127.0.0.1:{port}" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_a_second_run_on_the_same_output_is_refused_and_a_stale_lease_is_taken_over(ray_session, s3, tmp_path):
+def test_a_second_run_on_the_same_output_is_refused_and_a_stale_lease_is_taken_over(session_ray_address, s3,
+                                                                                      tmp_path):
     fs, opts, bucket = s3
     for p in make_webdataset_shards(tmp_path / "wds", n_shards=2, samples_per_shard=4, seed=9):
         fs.put_file(str(p), f"{bucket}/wds/{p.name}")
@@ -128,7 +129,7 @@ def test_a_second_run_on_the_same_output_is_refused_and_a_stale_lease_is_taken_o
         direct = write_config(tmp_path / "direct.yaml", inputs, out, {"endpoint_url": opts["endpoint_url"]})
         # The first run joins the session's Ray; the lock is taken before Ray either way.
         env = dict(os.environ, PYTHONPATH=str(REPO), RAY_DATA_DISABLE_PROGRESS_BARS="1",
-                   RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+                   RAY_ADDRESS=session_ray_address)
         first = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(slow), "--log-level", "WARNING"],
                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:

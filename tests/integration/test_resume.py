@@ -181,7 +181,8 @@ def _held_target(proxy: FaultProxy, rule: Rule) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(RUN_TIMEOUT_S)
-def test_sigkill_on_s3_at_ledger_publish_and_read_then_rerun_matches(ray_session, s3, s3_server, tmp_path):
+def test_sigkill_on_s3_at_ledger_publish_and_read_then_rerun_matches(ray_session, session_ray_address, s3, s3_server,
+                                                                     tmp_path):
     fs, opts, bucket = s3
     n_shards = 5
     for p in make_webdataset_shards(tmp_path / "wds", n_shards=n_shards, samples_per_shard=GOOD, seed=11):
@@ -196,7 +197,7 @@ def test_sigkill_on_s3_at_ledger_publish_and_read_then_rerun_matches(ray_session
     # These runs join the session's Ray as a driver on a cluster's head node would: a SIGKILL
     # kills only the driver, and the workers of its job outlive it for a moment (Ray reaps them),
     # the harder case for exactly-once. (The local-disk test kills a run with its own Ray.)
-    cluster = ray_session.get_runtime_context().gcs_address
+    cluster = session_ray_address
     proxy = FaultProxy(s3_server)
     try:
         via_proxy = {"endpoint_url": proxy.url, "key": TEST_KEY, "secret": TEST_SECRET}

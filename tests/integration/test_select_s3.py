@@ -206,7 +206,7 @@ def _verdicts(root: Path) -> tuple[set, Counter]:
     return rows, reasons
 
 
-def test_kill_9_during_select_then_rerun_equals_an_uninterrupted_select(ray_session, tmp_path):
+def test_kill_9_during_select_then_rerun_equals_an_uninterrupted_select(ray_session, session_ray_address, tmp_path):
     pics = _pictures(4, 8)
     rng = random.Random(4)
     shards = {}
@@ -223,7 +223,7 @@ def test_kill_9_during_select_then_rerun_equals_an_uninterrupted_select(ray_sess
     killed = tmp_path / "killed"
     (tmp_path / "sel.yaml").write_text(yaml.safe_dump({"select": conf, "ray": {"num_cpus": 2}}))
     # The select joins the session's Ray as a driver on a cluster would; the kill takes only it.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": session_ray_address}
     err = tmp_path / "select.err"
     with err.open("wb") as err_file:
         proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "select", str(tmp_path / "sel.yaml"), "--from",
