@@ -203,7 +203,21 @@ class RunLock:
 
         Raises:
             LockHeldError: another run holds a live lease; the message names it.
+            StorageError: the output cannot be written (unreachable bucket, denied, not a folder):
+                the first request of every run, so this is where a bad output is named.
         """
+        try:
+            self._acquire(break_lock)
+        except (LockHeldError, StorageError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - only storage calls here: any backend fault is systemic
+            raise StorageError(f"cannot take the run lock {self.path}: {describe_error(exc)}") from None
+        logger.info("run lock %s held by run %s (ttl %.0fs)", self.path, self.run_id, self.ttl_s)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._heartbeat, name="mmcurate-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _acquire(self, break_lock: bool) -> None:
         self._acquired_at = time.time()
         for _ in range(5):
             if self._create():
@@ -222,10 +236,6 @@ class RunLock:
                 break
         else:
             raise LockHeldError(f"could not take the run lock at {self.path}: other runs keep taking it")
-        logger.info("run lock %s held by run %s (ttl %.0fs)", self.path, self.run_id, self.ttl_s)
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._heartbeat, name="mmcurate-lock-heartbeat", daemon=True)
-        self._thread.start()
 
     def renew(self) -> bool:
         """Extend our lease. False (and ``lost`` set) when it is no longer ours."""

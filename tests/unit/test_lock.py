@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from ground.errors import LockHeldError
+from ground.errors import LockHeldError, StorageError
 from pipelines.lock import RunLock
+from tests.conftest import free_port
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -137,3 +138,18 @@ def test_the_heartbeat_renews_the_lease_on_its_own_while_the_run_holds_it(out):
         assert later["run_id"] == "run-long" and not lock.lost
     finally:
         lock.release()
+
+
+def test_an_output_that_cannot_be_written_is_a_storage_error_naming_the_lock(tmp_path, s3_server):
+    # The lease is a run's first request to its output: an unreachable bucket or a path that
+    # cannot be a folder must be a one-line storage error (CLI exit 2), not an unexplained exit 1.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StorageError, match=r"cannot take the run lock .*a-file/out/_mmcurate/lock") as err:
+        RunLock(str(blocker / "out"), {}, "run-A", ttl_s=600).acquire()
+    assert "\n" not in str(err.value)
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    opts = {"endpoint_url": dead, "key": "k", "secret": "s", "config_kwargs": {"retries": {"max_attempts": 1}}}
+    with pytest.raises(StorageError, match=r"cannot take the run lock nobucket/out/_mmcurate/lock"):
+        RunLock("s3://nobucket/out", opts, "run-A", ttl_s=600).acquire()
