@@ -76,10 +76,12 @@ class PlainRecipe:
         """uint8 [n, H, W, 3] (a torch tensor on the model's device) -> normalised [n, 3, H, W] in ``dtype``."""
         import torch
 
-        x = pixels.permute(0, 3, 1, 2).float() * self.scale
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(dtype)
+        # (x * scale - mean) / std as one multiply-add per element, channels last (contiguous:
+        # the float conversion of a permuted view is a strided copy, ~30 % slower on CPU); the
+        # result is a channels-first view, which convolutions take as channels-last memory.
+        gain = torch.tensor([self.scale / s for s in self.std], device=pixels.device)
+        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], device=pixels.device)
+        return torch.addcmul(shift, pixels.float(), gain).to(dtype).permute(0, 3, 1, 2)
 
 
 def _features(out: Any):
