@@ -153,8 +153,9 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-# Exceptions Ray Data raises around a failing UDF; the user's own error is the one they wrap.
-RAY_WRAPPERS = ("UserCodeException", "RayTaskError")
+# Exceptions Ray (Data) raises around a failing UDF or actor; the user's own error is the one
+# they wrap (an actor that died arrives as a SystemException with an empty message).
+RAY_WRAPPERS = ("UserCodeException", "RayTaskError", "SystemException", "ActorDiedError", "RayActorError")
 _ERROR_LINE = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception)): (.+)$")
 
 
@@ -172,7 +173,7 @@ def _wrapped_error(exc: BaseException) -> str | None:
             m = _ERROR_LINE.match(line)
             if m and not m.group(1).startswith(RAY_WRAPPERS):
                 return f"{m.group(1)}: {m.group(2).strip()}"
-        node = node.__cause__ or getattr(node, "cause", None)
+        node = node.__cause__ or getattr(node, "cause", None) or node.__context__
     return None
 
 

@@ -154,12 +154,23 @@ class InstrumentedStage:
 
     def __init__(self, factory, stage: str, collector: Any = None, counts_rows: bool = True):
         started = time.perf_counter()
-        self.op = factory()
+        # An operator that cannot be built (a processor it cannot use, weights that do not load)
+        # fails its first batch instead of its actor: Ray reports an actor that dies in its
+        # constructor as an ActorDiedError whose message is empty once Ray Data wraps it, and
+        # forwards the worker's traceback to the driver's terminal. A failed batch stops the run
+        # the same way, and its error reaches the user as one line (jobs.cli.one_line).
+        self.op, self.init_error = None, None
+        try:
+            self.op = factory()
+        except Exception as exc:  # noqa: BLE001 - re-raised, unchanged, by every call
+            self.init_error = exc
         self.counters = StageCounters(stage, counts_rows)
         self.counters.timers["init_seconds"] = time.perf_counter() - started
         self.collector = collector
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.init_error is not None:
+            raise self.init_error
         model_before = getattr(self.op, "model_seconds", 0.0)
         wall, cpu = time.perf_counter(), time.process_time()
         out = self.op(batch)

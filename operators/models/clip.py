@@ -41,6 +41,9 @@ class PlainRecipe:
         self.scale = float(processor.rescale_factor) if processor.do_rescale else 1.0
         self.mean = list(processor.image_mean) if processor.do_normalize else [0.0, 0.0, 0.0]
         self.std = list(processor.image_std) if processor.do_normalize else [1.0, 1.0, 1.0]
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"the image processor's image_mean and image_std must have 3 values (RGB), "
+                             f"got {self.mean} and {self.std}")
 
     @classmethod
     def of(cls, processor: Any) -> "PlainRecipe | None":

@@ -125,9 +125,8 @@ def test_an_error_inside_a_ray_task_is_one_line_exit_1_and_debug_shows_the_trace
     assert line == errors[0]
     # The worker's own error, not Ray Data's wrapper ("UserCodeException: UDF failed ...").
     assert line.startswith("mmcurate: error: ") and "UserCodeException" not in line
-    # The bad 2-value mean fails where the pixels are normalised: in the image processor, or on
-    # the device for the uint8 fast path (a tensor of 2 means cannot be viewed as [1, 3, 1, 1]).
-    assert ("mean must have 3 elements" in line or "[1, 3, 1, 1]" in line), line
+    # The bad 2-value mean is refused where the model actor reads its processor, by name.
+    assert "image_mean and image_std must have 3 values (RGB), got [0.5, 0.5]" in line, line
     assert line.endswith("(rerun with --log-level DEBUG for the traceback)")
 
     debug = mmcurate("run", str(cfg), "--log-level", "DEBUG", env=joined)
