@@ -82,15 +82,15 @@ def main() -> None:
         collector = start_collector("bench")
         counters = StageCounters("min_side")
         counters.observe(table, table, 0.001, 0.001)
-        ray.get(collector.snapshots.remote())  # the actor is up
+        ray.get(collector.actor.snapshots.remote("bench"))  # the actor is up
         submit = []
         started = time.perf_counter()
         for _ in range(args.batches):
             counters.observe(table, table, 0.001, 0.001)
             t = time.perf_counter()
-            collector.push.remote(counters.snapshot())
+            collector.push(counters.snapshot())
             submit.append(time.perf_counter() - t)
-        ray.get(collector.snapshots.remote())  # ordered after every push from this caller
+        ray.get(collector.actor.snapshots.remote("bench"))  # ordered after every push from this caller
         drained = time.perf_counter() - started
         print(f"push submit (worker side): median {statistics.median(submit) * 1e6:.1f} us, "
               f"max {max(submit) * 1e3:.2f} ms")

@@ -2,7 +2,11 @@
 
 Every operator call (and the writer) goes through :class:`InstrumentedStage`, which counts rows
 and reasons and times the call in the worker process. Workers are separate processes, so the
-counts travel to the driver through one small Ray actor per run, :class:`StatsCollector`.
+counts travel to the driver through one small Ray actor, :class:`StatsCollector`, that a driver
+process starts for its first run and reuses for later ones (each run's snapshots are kept apart
+by run id and dropped when the run collects them): every actor is a Ray worker process, which
+costs seconds of CPU to start, and a process that runs many pipelines (a notebook, a scheduler's
+Python task, the test suite) would otherwise pay that per run.
 
 Why an actor and not the writer's record stream: operator stats are made in processes *before*
 the writer, and the only thing that flows from them to the writer is rows; stats would have to
@@ -36,6 +40,7 @@ import socket
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -62,9 +67,11 @@ _TIMER_KEYS = ("seconds", "cpu_seconds", "model_seconds", "init_seconds", "actor
 _COUNT_KEYS = ("batches", "rows_seen", "rows_in", "rows_out", "rejected")
 
 
-def collector_name(run_id: str) -> str:
-    """The Ray actor name of a run's stats collector."""
-    return f"mmcurate-stats-{run_id}"
+def collector_name() -> str:
+    """The Ray actor name of this driver's stats collector (one per Ray job)."""
+    import ray
+
+    return f"mmcurate-stats-{ray.get_runtime_context().get_job_id()}"
 
 
 def stage_names(steps: list) -> list[str]:
@@ -184,8 +191,7 @@ class InstrumentedStage:
         if self.collector is None:
             return
         try:
-            # Fire-and-forget: the ObjectRef is dropped, the worker never waits on the collector.
-            self.collector.push.remote(self.counters.snapshot())
+            self.collector.push(self.counters.snapshot())
         except Exception as exc:  # noqa: BLE001 - stats must never fail a batch
             logger.warning("stage %s: cannot report stats (%s); counting continues without reporting",
                            self.counters.stage, exc)
@@ -193,50 +199,76 @@ class InstrumentedStage:
 
 
 class StatsCollector:
-    """The per-run Ray actor that keeps the newest snapshot of every (stage, worker)."""
+    """The Ray actor that keeps, per run, the newest snapshot of every (stage, worker)."""
 
     def __init__(self) -> None:
-        self._snapshots: dict[tuple[str, str], dict[str, Any]] = {}
+        self._runs: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+        self._closed: set[str] = set()
 
     # async methods make this an asyncio actor: each push runs on the actor's event loop with no
     # thread hand-off, and the bodies never await, so no two interleave. The rate it absorbs is
     # printed by benchmarks/bench_stats_overhead.py --ray (one push per batch per worker).
-    async def push(self, snap: dict[str, Any]) -> None:
-        self.take(snap)
+    async def push(self, run_id: str, snap: dict[str, Any]) -> None:
+        self.take(snap, run_id)
 
-    async def snapshots(self) -> list[dict[str, Any]]:
-        return self.current()
+    async def snapshots(self, run_id: str) -> list[dict[str, Any]]:
+        return self.current(run_id)
 
-    def current(self) -> list[dict[str, Any]]:
-        """The newest snapshot of every (stage, worker)."""
-        return list(self._snapshots.values())
+    async def forget(self, run_id: str) -> None:
+        """Drop a collected run; pushes for it that arrive later are ignored."""
+        self._runs.pop(run_id, None)
+        self._closed.add(run_id)
 
-    def take(self, snap: dict[str, Any]) -> None:
+    def current(self, run_id: str = "") -> list[dict[str, Any]]:
+        """The newest snapshot of every (stage, worker) of ``run_id``."""
+        return list(self._runs.get(run_id, {}).values())
+
+    def take(self, snap: dict[str, Any], run_id: str = "") -> None:
         """Keep ``snap`` unless a newer one from the same (stage, worker) is already here."""
+        if run_id in self._closed:
+            return
+        snaps = self._runs.setdefault(run_id, {})
         key = (snap["stage"], snap["worker"])
-        old = self._snapshots.get(key)
+        old = snaps.get(key)
         if old is None or snap["seq"] > old["seq"]:
-            self._snapshots[key] = snap
+            snaps[key] = snap
 
 
-def start_collector(run_id: str):
-    """Start (or find) the run's collector actor on the current Ray cluster; None if Ray is off."""
+@dataclass(frozen=True)
+class RunCollector:
+    """What workers get: the collector actor's handle and the run its pushes belong to."""
+
+    actor: Any
+    run_id: str
+
+    def push(self, snap: dict[str, Any]) -> None:
+        # Fire-and-forget: the ObjectRef is dropped, the worker never waits on the collector.
+        self.actor.push.remote(self.run_id, snap)
+
+
+def start_collector(run_id: str) -> RunCollector | None:
+    """This driver's collector (started by its first run) for ``run_id``; None if Ray is off."""
     import ray
 
     if not ray.is_initialized():
         return None
     # num_cpus=0: the collector must never take a slot a reader or operator needs.
     actor_cls = ray.remote(num_cpus=0, max_restarts=0)(StatsCollector)
-    return actor_cls.options(name=collector_name(run_id), get_if_exists=True).remote()
+    _STARTED.add(run_id)
+    return RunCollector(actor_cls.options(name=collector_name(), get_if_exists=True).remote(), run_id)
 
 
-def _find_collector(run_id: str):
+# Runs of this driver process that started counting (collect() answers {} for any other run).
+_STARTED: set[str] = set()
+
+
+def _find_collector():
     import ray
 
     if not ray.is_initialized():
         return None
     try:
-        return ray.get_actor(collector_name(run_id))
+        return ray.get_actor(collector_name())
     except ValueError:
         return None
 
@@ -289,7 +321,7 @@ def stage_figures(m: dict[str, Any], resources: Resources | None, uses_actors: b
 
 def collect(run_id: str, steps: list, expected_rows: int, writer_resources: Resources | None = None,
             wait: bool = True) -> dict[str, Any]:
-    """Fetch and merge the run's counters into ``stats.json`` keys; stop the collector.
+    """Fetch and merge the run's counters into ``stats.json`` keys; the collector then forgets the run.
 
     Waits up to :data:`SETTLE_TIMEOUT_S` (if ``wait``) until every stage has seen ``expected_rows``
     (the rows the run committed). Returns ``{}`` when the run had no collector (nothing was pending,
@@ -300,7 +332,7 @@ def collect(run_id: str, steps: list, expected_rows: int, writer_resources: Reso
     """
     import ray
 
-    actor = _find_collector(run_id)
+    actor = _find_collector() if run_id in _STARTED else None
     if actor is None:
         return {}
     names = stage_names(steps)
@@ -310,7 +342,7 @@ def collect(run_id: str, steps: list, expected_rows: int, writer_resources: Reso
     complete = False
     while True:
         try:
-            merged = merge_snapshots(ray.get(actor.snapshots.remote(), timeout=SETTLE_TIMEOUT_S))
+            merged = merge_snapshots(ray.get(actor.snapshots.remote(run_id), timeout=SETTLE_TIMEOUT_S))
         except Exception as exc:  # noqa: BLE001 - a lost collector costs the counters, not the run
             logger.warning("run %s: operator counters unavailable (%s)", run_id, exc)
             break
@@ -321,8 +353,9 @@ def collect(run_id: str, steps: list, expected_rows: int, writer_resources: Reso
     if not complete and wait:
         logger.warning("run %s: operator counters are incomplete after %.0fs (stats.json says "
                        "stats_complete: false)", run_id, SETTLE_TIMEOUT_S)
+    _STARTED.discard(run_id)
     try:
-        ray.kill(actor)
+        actor.forget.remote(run_id)
     except Exception:  # noqa: BLE001 - already gone
         pass
     operators: dict[str, Any] = {}

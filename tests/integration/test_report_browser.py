@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from jobs.cli import app
 from jobs.sample_data import make_webdataset_shards
 from pipelines.runner import run
+from pipelines.stats import collector_name
 from tests.helpers import ledger_records, make_config
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -65,9 +66,14 @@ def test_two_runs_leave_counters_matching_the_ledger_and_a_report_chromium_reads
                  {"clip": {"model": str(clip), "cpu_threads": 1,
                            "resources": {"num_cpus": 0.5, "batch_size": 8, "max_actors": 1}}}]
     first = run(make_config([str(tmp_path / "wds" / "{00000..00001}.tar")], str(out), operators))
+    collector = ray_session.get_actor(collector_name())
     # The second night one more shard has landed: only it is processed, and it is compared with the first.
     second = run(make_config([str(tmp_path / "wds" / "{00000..00002}.tar")], str(out), operators))
     assert second.shards_committed == 1
+    # Both runs of this process counted through one collector actor (a worker process each costs
+    # seconds to start), and each run's stats.json has its own rows only (below).
+    assert ray_session.get_actor(collector_name())._actor_id == collector._actor_id
+    assert _stats(out, first.run_id)["writer"]["rows_seen"] == 2 * (GOOD + BAD_PER_SHARD)
 
     stats = _stats(out, second.run_id)
     ops = stats["operators"]

@@ -3,6 +3,7 @@ a hand-built committed output (Parquet files + ledger records) on local disk."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -22,7 +23,8 @@ from pipelines import report as report_mod
 from pipelines import stats as stats_mod
 from pipelines.ledger import Ledger
 from pipelines.plan import OperatorStep
-from pipelines.stats import InstrumentedStage, StageCounters, StatsCollector, merge_snapshots, stage_figures
+from pipelines.stats import (InstrumentedStage, RunCollector, StageCounters, StatsCollector, merge_snapshots,
+                             stage_figures)
 
 
 def decoded(rows: list[dict]) -> pa.Table:
@@ -125,24 +127,38 @@ def test_collector_keeps_the_newest_snapshot_so_late_or_repeated_pushes_never_do
     assert merged["seconds"] == pytest.approx(0.4)
 
 
-class _BrokenCollector:
-    """A collector handle whose pushes fail (a dead actor, a lost connection): the boundary, faked."""
+def test_one_collector_keeps_runs_apart_and_ignores_pushes_for_a_run_it_has_handed_over():
+    counters = StageCounters("min_side")
+    counters.observe(decoded(ROWS), decoded(ROWS), 0.1, 0.05)
+    collector = StatsCollector()
+    collector.take(counters.snapshot(), "run-a")
+    counters.observe(decoded(ROWS), decoded(ROWS), 0.1, 0.05)
+    collector.take(counters.snapshot(), "run-b")
+    assert merge_snapshots(collector.current("run-a"))["min_side"]["rows_seen"] == len(ROWS)
+    assert merge_snapshots(collector.current("run-b"))["min_side"]["rows_seen"] == 2 * len(ROWS)
+    asyncio.run(collector.forget("run-a"))
+    collector.take(counters.snapshot(), "run-a")  # a worker's late push, after the run collected
+    assert collector.current("run-a") == [] and len(collector.current("run-b")) == 1
+
+
+class _BrokenActor:
+    """A collector actor handle whose pushes fail (a dead actor, a lost connection): the boundary, faked."""
 
     class push:  # noqa: N801 - mimics ``handle.push.remote``
         calls = 0
 
         @classmethod
-        def remote(cls, snap):
+        def remote(cls, run_id, snap):
             cls.calls += 1
             raise ConnectionError("collector unreachable")
 
 
 def test_a_failing_collector_never_fails_a_batch_and_is_not_retried_every_batch(caplog):
     step = make_step("min_side", {"min": 32})
-    stage = InstrumentedStage(lambda: step.cls(step.config), "min_side", collector=_BrokenCollector())
+    stage = InstrumentedStage(lambda: step.cls(step.config), "min_side", collector=RunCollector(_BrokenActor(), "r1"))
     outs = [stage(decoded(ROWS)) for _ in range(3)]
     assert all(o["reject_reason"].to_pylist()[1] == "min_side:too_small" for o in outs)
-    assert _BrokenCollector.push.calls == 1
+    assert _BrokenActor.push.calls == 1
     assert stage.counters.snapshot()["rows_seen"] == 3 * len(ROWS)
     assert "cannot report stats" in caplog.text
 
