@@ -7,8 +7,9 @@ damaged image all fail. On S3 the kills land at known points through ``tests/fau
 between a shard's published files and its ledger record, in the middle of publishing, and
 in the middle of reading. Kill points are keyed on requests that stay stable whatever the
 publish mechanism (the ledger record PUT, any PUT under data/ or rejected/, input GETs).
-The local-disk runs start their own Ray (the embedded default: the kill takes Ray with it); the
-S3 runs join the session's Ray as drivers on a cluster do (the kill leaves the job's workers).
+The local-disk run that is killed starts its own Ray (the embedded default: the kill takes Ray
+with it; its rerun joins the session's Ray); the S3 runs join the session's Ray as drivers on a
+cluster do (the kill leaves the job's workers).
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def _kill_after(config: Path, ledger: Path, at_least: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(RUN_TIMEOUT_S)
-def test_sigkill_on_local_disk_then_rerun_matches_uninterrupted_run(ray_session, tmp_path):
+def test_sigkill_on_local_disk_then_rerun_matches_uninterrupted_run(ray_session, session_ray_address, tmp_path):
     n_shards = 6
     shards = tmp_path / "shards"
     make_webdataset_shards(shards, n_shards=n_shards, samples_per_shard=GOOD, seed=7)
@@ -165,7 +166,9 @@ def test_sigkill_on_local_disk_then_rerun_matches_uninterrupted_run(ray_session,
     config = _write_config(tmp_path / "resume.yaml", [str(shards / "*.tar")], str(out))
     killed_at = _kill_after(config, out / "_mmcurate" / "ledger", at_least=1)
     assert killed_at < n_shards, "the run finished before the kill; make it slower"
-    _finish(config, "local")
+    # The killed run was the embedded default (its own Ray, killed with it); what the rerun must
+    # recover is on disk, so it joins the session's Ray instead of starting another (~15 s).
+    _finish(config, session_ray_address)
     _check_committed_output(fs, str(out), reference, n_shards)
 
 
