@@ -129,12 +129,14 @@ def ray_session():
     """One private local Ray for the whole session.
 
     It is started with ``tests.helpers.TEST_RAY``, the ``ray`` section every in-process test
-    config carries, so no test config asks for settings this shared Ray silently ignores.
+    config carries, so no test config asks for settings this shared Ray silently ignores, and
+    with the system settings of the Ray a run starts for itself (``LOCAL_RAY_SYSTEM_CONFIG``).
     """
     import logging
 
     import ray
 
+    from pipelines.runner import LOCAL_RAY_SYSTEM_CONFIG
     from tests.helpers import TEST_RAY
 
     # Ray gives a new node a fixed 30 s to register; a machine shared by many jobs can miss
@@ -145,7 +147,7 @@ def ray_session():
         try:
             ray.init(address="local", num_cpus=TEST_RAY["num_cpus"], include_dashboard=False,
                      object_store_memory=TEST_RAY["object_store_memory_mb"] * 1024 * 1024,
-                     logging_level=logging.WARNING)
+                     logging_level=logging.WARNING, _system_config=dict(LOCAL_RAY_SYSTEM_CONFIG))
         except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception on a startup timeout
             if "timed out during startup" not in str(exc) or attempt == RAY_START_ATTEMPTS - 1:
                 raise
