@@ -252,12 +252,19 @@ def start_collector(run_id: str) -> RunCollector | None:
 
     if not ray.is_initialized():
         return None
-    # num_cpus=0: the collector must never take a slot a reader or operator needs.
-    actor_cls = ray.remote(num_cpus=0, max_restarts=0)(StatsCollector)
+    job = ray.get_runtime_context().get_job_id()
+    actor = _ACTORS.get(job)
+    if actor is None:
+        # num_cpus=0: the collector must never take a slot a reader or operator needs.
+        actor_cls = ray.remote(num_cpus=0, max_restarts=0)(StatsCollector)
+        actor = _ACTORS[job] = actor_cls.options(name=collector_name(), get_if_exists=True).remote()
     _STARTED.add(run_id)
-    return RunCollector(actor_cls.options(name=collector_name(), get_if_exists=True).remote(), run_id)
+    return RunCollector(actor, run_id)
 
 
+# This driver's collector handle per Ray job, held here: Ray collects an actor, named or not,
+# once no handle to it is left, which would otherwise happen between two runs.
+_ACTORS: dict[str, Any] = {}
 # Runs of this driver process that started counting (collect() answers {} for any other run).
 _STARTED: set[str] = set()
 
@@ -267,10 +274,15 @@ def _find_collector():
 
     if not ray.is_initialized():
         return None
-    try:
-        return ray.get_actor(collector_name())
-    except ValueError:
-        return None
+    return _ACTORS.get(ray.get_runtime_context().get_job_id())
+
+
+def _drop_collector() -> None:
+    """Forget a collector that stopped answering, so that the next run starts a new one."""
+    import ray
+
+    if ray.is_initialized():
+        _ACTORS.pop(ray.get_runtime_context().get_job_id(), None)
 
 
 def merge_snapshots(snaps: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -345,6 +357,7 @@ def collect(run_id: str, steps: list, expected_rows: int, writer_resources: Reso
             merged = merge_snapshots(ray.get(actor.snapshots.remote(run_id), timeout=SETTLE_TIMEOUT_S))
         except Exception as exc:  # noqa: BLE001 - a lost collector costs the counters, not the run
             logger.warning("run %s: operator counters unavailable (%s)", run_id, exc)
+            _drop_collector()
             break
         complete = all(merged.get(s, {}).get("rows_seen", 0) >= expected_rows for s in stages)
         if complete or time.monotonic() > deadline:
