@@ -278,11 +278,18 @@ def _find_collector():
 
 
 def _drop_collector() -> None:
-    """Forget a collector that stopped answering, so that the next run starts a new one."""
+    """Forget a collector that stopped answering, so that the next run starts a new one (killed
+    first: an unresponsive actor still holds the name that ``get_if_exists`` would find again)."""
     import ray
 
-    if ray.is_initialized():
-        _ACTORS.pop(ray.get_runtime_context().get_job_id(), None)
+    if not ray.is_initialized():
+        return
+    actor = _ACTORS.pop(ray.get_runtime_context().get_job_id(), None)
+    if actor is not None:
+        try:
+            ray.kill(actor)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
 
 
 def merge_snapshots(snaps: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
