@@ -76,6 +76,8 @@ class OutputConfig(StrictModel):
     target_file_size_mb: float = Field(256.0, gt=0, description="upper bound for one Parquet file")
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     compression_level: int | None = 3
+    image_compression: Literal["none", "zstd", "snappy", "gzip"] = Field(
+        "none", description="codec of the image bytes (already-compressed JPEG/PNG/WebP files)")
     rejected_image_bytes: bool = Field(False, description="keep image bytes in rejected/ rows")
     write_batch_rows: int = Field(2048, ge=1, description="rows a writer task gathers before writing")
     lock_ttl_s: float = Field(600.0, gt=0, description="a run lock not renewed for this long is taken over")

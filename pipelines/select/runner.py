@@ -490,7 +490,7 @@ def _write_fn(ctx: _Context, file_meta: dict[str, Any]):
 
 
 def _output_opts(ctx: _Context) -> dict[str, Any]:
-    return {"target_file_size_mb": 256.0, "compression": "zstd", "compression_level": 3}
+    return {"target_file_size_mb": 256.0, "compression": "zstd", "compression_level": 3, "image_compression": "none"}
 
 
 def _record_schema() -> pa.Schema:

@@ -121,6 +121,45 @@ def test_merge_sizes_row_groups_by_each_rows_bytes_so_one_large_photo_does_not_s
     assert rows == 200 and all(f["bytes"] >= target for f in files[:-1])
 
 
+def _codecs(path: Path) -> dict[str, tuple[str, bool]]:
+    """Each leaf column's (codec, dictionary-encoded?) in a Parquet file's first row group."""
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    out = {}
+    for i in range(group.num_columns):
+        col = group.column(i)
+        out[col.path_in_schema] = (col.compression, any("DICTIONARY" in e for e in col.encodings))
+    return out
+
+
+@pytest.mark.parametrize("settings, image_codec, other_codec", [
+    ({}, "UNCOMPRESSED", "ZSTD"),  # the defaults: output.compression zstd, image_compression none
+    ({"image_compression": "zstd"}, "ZSTD", "ZSTD"),
+    ({"compression": "snappy", "compression_level": None}, "UNCOMPRESSED", "SNAPPY"),
+    ({"compression": "none"}, "UNCOMPRESSED", "UNCOMPRESSED"),
+])
+def test_image_bytes_get_their_own_codec_and_no_dictionary_in_parts_and_merged_files(tmp_path, settings, image_codec,
+                                                                                      other_codec):
+    """Encoded images are compressed already: by default their column is stored as is, every
+    other column (nested ones included) with output.compression, in staged parts and merged files."""
+    cfg = {**output_cfg(tmp_path / "out", target_mb=4), **settings}
+    writer = StagingParquetWriter(cfg, "run1", FILE_META)
+    shard = "/in/00000.tar"
+    progress = stage_shard(writer, shard, rows=400, batch_rows=100, image_bytes=2000, reject_every=7)
+    merged = merge_shard_parts(cfg, shard_tag(shard), "data", sorted(progress.files["data"]))
+    files = [Path(p) for p in progress.files["data"]] + [tmp_path / "out" / "data" / f["name"] for f in merged]
+    assert len(merged) == 1 and len(files) == 5
+    for path in files:
+        codecs = _codecs(path)
+        assert codecs["image.bytes"] == (image_codec, False), path
+        others = {leaf: c for leaf, c in codecs.items() if leaf != "image.bytes"}
+        assert {"image.path", "key", "text", "reject_reason"} <= set(others)
+        assert all(codec == other_codec for codec, _ in others.values()), others
+        assert others["key"][1] and others["text"][1]  # dictionaries where they can pay off
+    # same rows, whatever the codecs
+    rows = pq.read_table(files[-1], columns=["key", "image"])
+    assert rows.num_rows == 400 - len(range(0, 400, 7)) and all(len(i["bytes"]) == 2000 for i in rows["image"].to_pylist())
+
+
 def test_parts_are_merged_only_when_publishing_them_as_they_are_would_break_the_bound():
     mb = 1024 * 1024
     assert not parts_need_merge([10], 256 * mb)  # one small part: one file
