@@ -79,12 +79,15 @@ class PlainRecipe:
         """uint8 [n, H, W, 3] (a torch tensor on the model's device) -> normalised [n, 3, H, W] in ``dtype``."""
         import torch
 
-        # (x * scale - mean) / std as one multiply-add per element, channels last (contiguous:
-        # the float conversion of a permuted view is a strided copy, ~30 % slower on CPU); the
-        # result is a channels-first view, which convolutions take as channels-last memory.
-        gain = torch.tensor([self.scale / s for s in self.std], device=pixels.device)
-        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], device=pixels.device)
-        return torch.addcmul(shift, pixels.float(), gain).to(dtype).permute(0, 3, 1, 2)
+        # (x * scale - mean) / std. The bytes are first reordered channels-first (a cheap uint8
+        # copy), so the float conversion and the per-channel multiply-add each run over long
+        # contiguous planes; broadcasting over a last dimension of 3 (channels last) defeats
+        # vectorisation and took 1.5x as long on CPU. Contiguous channels-first is also the
+        # layout the patch convolution expects.
+        x = pixels.permute(0, 3, 1, 2).contiguous().to(torch.float32)
+        for c, (mean, std) in enumerate(zip(self.mean, self.std)):
+            x[:, c].mul_(self.scale / std).add_(-mean / std)
+        return x.to(dtype)
 
 
 def _features(out: Any):
