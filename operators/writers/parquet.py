@@ -88,9 +88,9 @@ def parquet_options(output: dict[str, Any], schema: pa.Schema) -> dict[str, Any]
 
     Every column gets ``output.compression`` (level ``compression_level`` for zstd) and
     dictionary encoding, except the image bytes: encoded JPEG/PNG/WebP files are compressed
-    already. zstd shrank a shard's image column by ~0.5 % while costing most of a writer's CPU,
-    paid again by every merge and read; dictionary encoding of unique blobs only costs hashing
-    until pyarrow gives up on it. So the image bytes get ``output.image_compression`` (default
+    already: zstd made the benchmark shards' files 0.33 % smaller while doubling the CPU of
+    staging + merging (``benchmarks/bench_write_codecs.py``), paid again by every reader; and
+    dictionary encoding of unique blobs only costs hashing until pyarrow gives up on it. So the image bytes get ``output.image_compression`` (default
     none) and no dictionary.
     """
     codec = output.get("compression", "zstd")
