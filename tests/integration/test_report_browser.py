@@ -109,9 +109,9 @@ def test_two_runs_leave_counters_matching_the_ledger_and_a_report_chromium_reads
     report.unlink()
     cli = CliRunner().invoke(app, ["report", str(out)])
     assert cli.exit_code == 0, cli.output
-    assert cli.output.strip() == str(report)
+    assert cli.stdout.strip() == str(report)
     cli = CliRunner().invoke(app, ["report", str(out), "--run", first.run_id])
-    assert cli.output.strip() == str(runs_dir / first.run_id / "report.html")
+    assert cli.stdout.strip() == str(runs_dir / first.run_id / "report.html")
     text = report.read_text()
     assert f"previous run: {first.run_id}" in text
 
@@ -155,6 +155,6 @@ def test_report_on_s3_keeps_rejected_thumbnails_when_asked(ray_session, s3, tmp_
     fs.rm(key)
     cli = CliRunner().invoke(app, ["report", out, "--storage-options", json.dumps(opts)])
     assert cli.exit_code == 0, cli.output
-    assert cli.output.strip() == f"s3://{key}"
+    assert cli.stdout.strip() == f"s3://{key}"
     fs.invalidate_cache()
     assert fs.exists(key)

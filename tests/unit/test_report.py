@@ -392,10 +392,10 @@ def test_cli_report_prints_the_path_and_fails_in_one_line_without_runs(tmp_path)
 
     empty = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert empty.exit_code == 2
-    assert empty.output.strip().splitlines() == [f"mmcurate: error: {tmp_path}: no run has written "
+    assert empty.stderr.strip().splitlines() == [f"mmcurate: error: {tmp_path}: no run has written "
                                                  "_mmcurate/runs/<id>/stats.json"]
     write_committed_output(tmp_path, "20260101T000000Z-aaa")
     (tmp_path / RUNS / "20260102T000000Z-crashed").mkdir()  # a run that died before its stats.json
     ok = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert ok.exit_code == 0, ok.output
-    assert ok.output.strip() == str(tmp_path / RUNS / "20260101T000000Z-aaa" / "report.html")
+    assert ok.stdout.strip() == str(tmp_path / RUNS / "20260101T000000Z-aaa" / "report.html")
