@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,16 @@ def _config(tmp_path: Path, **over) -> Path:
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+# A line Ray forwards from its own processes to the driver's terminal: "(raylet) ...",
+# "(MapWorker(...) pid=123) ...", colour codes first when Ray colours them. They come at any
+# moment (a raylet warns every 10 s on a nearly full disk), so "our last line" skips them.
+RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|.*?pid=\d+)\)")
+
+
+def _last_own_line(stderr: str) -> str:
+    return [ln for ln in stderr.strip().splitlines() if not RAY_FORWARDED.match(ln)][-1]
 
 
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -121,7 +132,7 @@ def test_an_error_inside_a_ray_task_is_one_line_exit_1_and_debug_shows_the_trace
     # Workers' own warnings may be forwarded to stderr too; the failure itself is one line, last.
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("mmcurate: error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    line = proc.stderr.strip().splitlines()[-1]
+    line = _last_own_line(proc.stderr)
     assert line == errors[0]
     # The worker's own error, not Ray Data's wrapper ("UserCodeException: UDF failed ...").
     assert line.startswith("mmcurate: error: ") and "UserCodeException" not in line
@@ -132,7 +143,7 @@ def test_an_error_inside_a_ray_task_is_one_line_exit_1_and_debug_shows_the_trace
     debug = mmcurate("run", str(cfg), "--log-level", "DEBUG", env=joined)
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr
-    assert debug.stderr.strip().splitlines()[-1] == line
+    assert _last_own_line(debug.stderr) == line
 
 
 @pytest.mark.slow
