@@ -5,7 +5,7 @@ pipelines run on a real local Ray, and model operators load real (tiny, random) 
 models built once per session.
 
 The environment the suite needs (test credentials, HF offline, a private model staging
-cache, an HF home under a temporary folder) is set in ``pytest_configure`` -- before test
+cache, an HF home under a temporary folder, a temporary folder for Ray's session folders) is set in ``pytest_configure`` -- before test
 modules are imported, because huggingface_hub reads its settings at import -- and restored
 in ``pytest_unconfigure``. A session guard fails the run if anything new appears in HOME.
 """
@@ -56,6 +56,11 @@ def _home_entries() -> set[str]:
 def pytest_configure(config):
     """Set the suite's environment before any test module is imported; remember how to undo it."""
     root = Path(tempfile.mkdtemp(prefix="mmcurate-tests-"))
+    # Every Ray the tests start (the session's, a subprocess run's own) keeps its session folder
+    # (logs, sockets, spilled objects) here instead of /tmp/ray, where they would stay after the
+    # suite. A short folder directly under /tmp: Ray's unix socket paths must stay under 108 bytes,
+    # which a long TMPDIR would break.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="mmr-", dir="/tmp"))
     mp = pytest.MonkeyPatch()
     env = {
         "AWS_ACCESS_KEY_ID": TEST_KEY,
@@ -79,6 +84,7 @@ def pytest_configure(config):
         # Token auth (Ray's default for a new local Ray) writes ~/.ray/auth_token; the tests'
         # private Rays need none. Tests of `ray start` clusters set RAY_AUTH_MODE themselves.
         "RAY_AUTH_MODE": "disabled",
+        "RAY_TMPDIR": str(ray_tmp),
     }
     for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "HF_ENDPOINT", "HF_HUB_CACHE"):
         mp.delenv(name, raising=False)  # a developer's own settings must not leak into the tests
@@ -87,16 +93,17 @@ def pytest_configure(config):
         env["PLAYWRIGHT_BROWSERS_PATH"] = str(browsers)  # installed browsers stay findable
     for name, value in env.items():
         mp.setenv(name, value)
-    _SESSION.update(root=root, monkeypatch=mp, home_before=_home_entries())
+    _SESSION.update(root=root, ray_tmp=ray_tmp, monkeypatch=mp, home_before=_home_entries())
 
 
 def pytest_unconfigure(config):
     mp = _SESSION.pop("monkeypatch", None)
     if mp is not None:
         mp.undo()
-    root = _SESSION.pop("root", None)
-    if root is not None:
-        shutil.rmtree(root, ignore_errors=True)
+    for name in ("root", "ray_tmp"):
+        folder = _SESSION.pop(name, None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

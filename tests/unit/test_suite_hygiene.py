@@ -1,5 +1,6 @@
 """The suite restores the environment it changes: an inner pytest session started from a process
-whose variables hold sentinel values leaves every one of them as it found it."""
+whose variables hold sentinel values leaves every one of them as it found it, and removes the
+temporary folders it made; the Rays the tests start keep their session folders in one of them."""
 
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ REPO = Path(__file__).resolve().parents[2]
 # What tests/conftest.py sets (and, for the first group, deletes) for the whole session.
 MANAGED = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "RAY_DATA_DISABLE_PROGRESS_BARS",
            "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "MMCURATE_MODEL_CACHE", "HF_HOME", "XDG_CACHE_HOME",
-           "XDG_CONFIG_HOME", "CUDA_CACHE_PATH", "RAY_ADDRESS", "RAY_AUTH_MODE", "AWS_PROFILE", "HF_ENDPOINT"]
+           "XDG_CONFIG_HOME", "CUDA_CACHE_PATH", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_TMPDIR", "AWS_PROFILE",
+           "HF_ENDPOINT"]
 
 INNER = """
-import json, os, sys, pytest
+import glob, json, os, sys, pytest
 names = json.loads(sys.argv[1])
 before = {n: os.environ.get(n) for n in names}
+folders = set(glob.glob("/tmp/mmr-*")) | set(glob.glob(os.path.join(os.environ.get("TMPDIR", "/tmp"), "mmcurate-tests-*")))
 code = pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:xdist", "tests/unit/test_filters.py"])
 after = {n: os.environ.get(n) for n in names}
-print(json.dumps({"code": int(code), "changed": sorted(n for n in names if before[n] != after[n])}))
+left = set(glob.glob("/tmp/mmr-*")) | set(glob.glob(os.path.join(os.environ.get("TMPDIR", "/tmp"), "mmcurate-tests-*")))
+print(json.dumps({"code": int(code), "changed": sorted(n for n in names if before[n] != after[n]),
+                  "left": sorted(left - folders)}))
 """
 
 
@@ -34,3 +39,11 @@ def test_an_inner_session_restores_every_variable_it_sets():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["code"] == 0, proc.stdout[-2000:]
     assert result["changed"] == [], result
+    assert result["left"] == [], result  # its temporary folders (the suite's, Ray's) are removed
+
+
+def test_the_session_ray_keeps_its_session_folder_in_the_suite_s_temporary_folder(ray_session):
+    """Not in /tmp/ray, where Ray's session folders (logs, sockets, spilled objects) outlive the suite."""
+    session_dir = Path(ray_session._private.worker._global_node.get_session_dir_path())
+    suite_ray_tmp = Path(os.environ["RAY_TMPDIR"])
+    assert suite_ray_tmp.name.startswith("mmr-") and session_dir.is_relative_to(suite_ray_tmp), session_dir
