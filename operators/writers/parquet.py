@@ -90,8 +90,8 @@ def parquet_options(output: dict[str, Any], schema: pa.Schema) -> dict[str, Any]
     dictionary encoding, except the image bytes: encoded JPEG/PNG/WebP files are compressed
     already: zstd made the benchmark shards' files 0.33 % smaller while doubling the CPU of
     staging + merging (``benchmarks/bench_write_codecs.py``), paid again by every reader; and
-    dictionary encoding of unique blobs only costs hashing until pyarrow gives up on it. So the image bytes get ``output.image_compression`` (default
-    none) and no dictionary.
+    dictionary encoding of unique blobs only costs hashing until pyarrow gives up on it. So the
+    image bytes get ``output.image_compression`` (default none) and no dictionary.
     """
     codec = output.get("compression", "zstd")
     image_codec = output.get("image_compression", "none")

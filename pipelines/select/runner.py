@@ -43,7 +43,7 @@ from ground.layout import DATA, LEDGER, META_DIR, REJECTED, RUNS, STAGING, shard
 from ground.schema import MMCURATE_METADATA_KEY, PHASH_WINDOWS_TYPE as WINDOWS_TYPE
 from ground.storage import filesystem, is_local, join, retry, to_url
 from operators.dedup import graph
-from pipelines.config import RayConfig
+from pipelines.config import OutputConfig, RayConfig
 from pipelines.ledger import Ledger, ShardProgress
 from pipelines.lock import RunLock
 from pipelines.select import tables as T
@@ -489,8 +489,12 @@ def _write_fn(ctx: _Context, file_meta: dict[str, Any]):
     return write
 
 
+# The file settings select writes with: the pipeline's defaults (``pipelines.config.OutputConfig``).
+_FILE_SETTINGS = ("target_file_size_mb", "compression", "compression_level", "image_compression")
+
+
 def _output_opts(ctx: _Context) -> dict[str, Any]:
-    return {"target_file_size_mb": 256.0, "compression": "zstd", "compression_level": 3, "image_compression": "none"}
+    return {key: OutputConfig.model_fields[key].default for key in _FILE_SETTINGS}
 
 
 def _record_schema() -> pa.Schema:
