@@ -17,15 +17,20 @@ MANAGED = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "
            "HF_ENDPOINT"]
 
 INNER = """
-import glob, json, os, sys, pytest
+import json, os, sys, pytest
 names = json.loads(sys.argv[1])
 before = {n: os.environ.get(n) for n in names}
-folders = set(glob.glob("/tmp/mmr-*")) | set(glob.glob(os.path.join(os.environ.get("TMPDIR", "/tmp"), "mmcurate-tests-*")))
-code = pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:xdist", "tests/unit/test_filters.py"])
+
+class Folders:  # the temporary folders this inner session made (conftest sets them before it starts)
+    def pytest_sessionstart(self, session):
+        self.made = [os.path.dirname(os.environ["MMCURATE_MODEL_CACHE"]), os.environ["RAY_TMPDIR"]]
+
+folders = Folders()
+code = pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:xdist", "tests/unit/test_filters.py"],
+                   plugins=[folders])
 after = {n: os.environ.get(n) for n in names}
-left = set(glob.glob("/tmp/mmr-*")) | set(glob.glob(os.path.join(os.environ.get("TMPDIR", "/tmp"), "mmcurate-tests-*")))
 print(json.dumps({"code": int(code), "changed": sorted(n for n in names if before[n] != after[n]),
-                  "left": sorted(left - folders)}))
+                  "made": folders.made, "left": [f for f in folders.made if os.path.exists(f)]}))
 """
 
 
@@ -39,6 +44,8 @@ def test_an_inner_session_restores_every_variable_it_sets():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["code"] == 0, proc.stdout[-2000:]
     assert result["changed"] == [], result
+    suite_root, ray_tmp = (Path(f).name for f in result["made"])
+    assert suite_root.startswith("mmcurate-tests-") and ray_tmp.startswith("mmr-"), result
     assert result["left"] == [], result  # its temporary folders (the suite's, Ray's) are removed
 
 
