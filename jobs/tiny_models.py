@@ -330,6 +330,9 @@ def build_demo_models(root: str | Path) -> dict[str, str]:
     ``clip`` (tiny CLIP, 16-d), ``vit_gpt2`` (captioner) and ``aesthetic`` (a random head over
     the tiny CLIP's 16-d image embedding in the LAION layout).
     """
+    from operators.models.base import quiet_hf_progress_bars
+
+    quiet_hf_progress_bars()  # the demo's output stays the run's own
     root = Path(root)
     out = {}
     for name in ("clip", "vit_gpt2"):

@@ -108,6 +108,7 @@ class ModelOperator(Operator):
 
         from operators.models.prefetch import Prefetcher
 
+        quiet_hf_progress_bars()
         self.torch = torch
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -323,6 +324,19 @@ def processor_backend() -> str:
     import importlib.util
 
     return "torchvision" if importlib.util.find_spec("torchvision") else "pil"
+
+
+def quiet_hf_progress_bars() -> None:
+    """Turn off the HF libraries' progress bars in this process ("Loading weights", "Writing model
+    shards", hub downloads). Every model actor would print its own, which Ray forwards to the
+    run's terminal between the run's own log lines. ``HF_HUB_DISABLE_PROGRESS_BARS=0`` set by
+    the user still wins (huggingface_hub gives the environment priority)."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:  # imported already, so it read the hub's setting before this call
+        hf_logging.disable_progress_bar()
 
 
 def embedding_type(dim: int) -> pa.DataType:

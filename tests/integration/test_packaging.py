@@ -87,7 +87,7 @@ def test_wheel_installs_and_runs_the_demo_outside_the_checkout(tmp_path):
     assert "shards: 2 found" in proc.stdout
     # the warnings a new user used to see on the demo (issue 8 item 7)
     for noise in ("requires torchvision", "attention mask is not set", "Token authentication is enabled",
-                  "Truncating long operator name"):
+                  "Truncating long operator name", "Loading weights", "Writing model shards"):
         assert noise not in proc.stderr, proc.stderr[-2000:]
     files = list((elsewhere / "demo" / "out" / "data").glob("*.parquet"))
     assert sum(pq.read_metadata(f).num_rows for f in files) == 12  # 2 x 6 good samples (+4 bad each, rejected)
