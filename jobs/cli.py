@@ -17,6 +17,7 @@ from typing import Optional
 
 import typer
 
+from ground import errors
 from ground.errors import MmcurateError
 from jobs.clikit import echo_counts
 from jobs.clikit import setup_logging as _setup_logging
@@ -177,11 +178,27 @@ def _wrapped_error(exc: BaseException) -> str | None:
     return None
 
 
+def our_error(exc: BaseException) -> MmcurateError | None:
+    """Our own error behind ``exc``, if it is one: the root cause, or, when only Ray's wrapper
+    came back (an actor's constructor failed), rebuilt from the remote traceback's text so it
+    keeps its one line and its exit code (a worker's ``ConfigError`` exits 2, not 1)."""
+    cause = root_cause(exc)
+    if isinstance(cause, MmcurateError):
+        return cause
+    if cause.__class__.__name__.startswith(RAY_WRAPPERS):
+        name, _, message = (_wrapped_error(exc) or "").partition(": ")
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, MmcurateError):
+            return cls(message)
+    return None
+
+
 def one_line(exc: BaseException) -> str:
     """One line for any failure: our own errors verbatim, others as ``Type: first line``."""
     cause = root_cause(exc)
-    if isinstance(cause, MmcurateError):
-        return str(cause)
+    ours = our_error(exc)
+    if ours is not None:
+        return str(ours)
     if cause.__class__.__name__.startswith(RAY_WRAPPERS):
         wrapped = _wrapped_error(exc)
         if wrapped:
@@ -237,8 +254,8 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - systemic faults: one line, traceback only at DEBUG
         logger.debug("traceback", exc_info=True)
         _stop_ray_output()
-        cause = root_cause(exc)
-        if isinstance(cause, MmcurateError):  # raised inside a Ray task and wrapped on the way out
+        cause = our_error(exc)
+        if cause is not None:  # raised inside a Ray task or actor and wrapped on the way out
             typer.echo(f"mmcurate: error: {cause}", err=True)
             sys.exit(cause.exit_code)
         typer.echo(f"mmcurate: error: {one_line(exc)} (rerun with --log-level DEBUG for the traceback)", err=True)

@@ -93,6 +93,11 @@ class Operator:
         """Per output column, what produced it (model id, revision, weights digest). Empty for plain ops."""
         return {}
 
+    @classmethod
+    def sources(cls, config: OperatorConfig) -> dict[str, str]:
+        """Model references this operator loads, by config key (``{"model": ...}``). Empty for plain ops."""
+        return {}
+
     def __call__(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -18,8 +18,10 @@ import yaml
 
 from ground import SCHEMA_VERSION, __version__
 from pipelines.config import PipelineConfig, config_hash, public_dict
-from ground.errors import AccountingError, LockHeldError, MmcurateError, RayConnectError, StalledError
+from ground.errors import (AccountingError, ConfigError, LockHeldError, MmcurateError, RayConnectError,
+                          StalledError)
 from ground.layout import RUNS, shard_tag
+from operators.models import loading
 from operators.readers import make_reader
 from pipelines.commit import Committer
 from pipelines.ledger import Ledger, ShardProgress
@@ -119,6 +121,28 @@ def _iso(epoch: float) -> str:
 # with Ray's 1 s, 62.9 s with 10 s, 13 against 10 worker processes; sampled per process from
 # /proc). An idle worker holds ~100 MB for those 10 s.
 LOCAL_RAY_SYSTEM_CONFIG: dict[str, Any] = {"idle_worker_killing_time_threshold_ms": 10_000}
+
+
+def runs_on_local_ray(cfg: PipelineConfig) -> bool:
+    """True when this run's Ray is a private one on this machine (no ``ray.address``, no
+    ``RAY_ADDRESS`` other than "local"), so its workers see the driver's files."""
+    return (cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local") == "local"
+
+
+def check_local_sources(steps: list[OperatorStep]) -> None:
+    """Refuse a model or weights path that does not exist, before Ray starts and actors load.
+
+    Only for a local Ray: on a cluster the driver need not see the paths its workers load from,
+    and each actor refuses a missing path itself (``operators.models.loading.resolve_local``).
+
+    Raises:
+        ConfigError: names the operator, the key and the path.
+    """
+    for step in steps:
+        for key, ref in step.cls.sources(step.config).items():
+            path = loading.missing_local(ref)
+            if path:
+                raise ConfigError(f"operator {step.name!r}: {key} {ref!r}: no such file or folder")
 
 
 def init_ray(cfg: PipelineConfig) -> None:
@@ -406,6 +430,12 @@ def _run_locked(cfg: PipelineConfig, summary: RunSummary, ledger: Ledger, lock: 
             logger.warning("committed shards were made with config %s, this run is %s: they are skipped, not "
                            "redone (delete OUT/_mmcurate/ledger records to redo them)", first["config_hash"],
                            summary.config_hash)
+    if pending:
+        # Config faults that would otherwise surface only in every read task or model actor,
+        # after Ray has started (or, for a wrong format, never: every shard damaged, exit 0).
+        reader.check_format(pending[0])
+        if runs_on_local_ray(cfg):
+            check_local_sources(plan.steps)
     if ledger.finish_replacements():
         logger.info("finished deleting the old files of shards redone by an interrupted run")
     ledger.prepare(pending, committed=len(plan.committed), keep=keep)

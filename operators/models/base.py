@@ -146,6 +146,10 @@ class ModelOperator(Operator):
         info["operator"] = cls.name
         return {col: dict(info) for col in cls.outputs(config)}
 
+    @classmethod
+    def sources(cls, config: ModelConfig) -> dict[str, str]:
+        return {"model": config.model}
+
     def pretrained_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for every ``from_pretrained`` of this operator."""
         cfg: ModelConfig = self.config

@@ -121,6 +121,10 @@ class EmbeddingHead(Operator):
         info = loading.model_provenance(config.weights, None, config.storage_options)
         return {config.output: {**info, "operator": cls.name}}
 
+    @classmethod
+    def sources(cls, config: HeadConfig) -> dict[str, str]:
+        return {"weights": config.weights}
+
     def __init__(self, config: HeadConfig):
         super().__init__(config)
         self.layers = load_linear_stack(loading.resolve_local(config.weights, config.storage_options),

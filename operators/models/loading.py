@@ -19,8 +19,11 @@ import json
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
+
+from ground.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -120,12 +123,27 @@ def _staged_target(dest: Path) -> Path:
     return dest / single.read_text() if single.exists() else dest
 
 
+def missing_local(ref: str) -> str | None:
+    """The path ``ref`` names when it is a local path that does not exist on this machine, else None."""
+    if kind_of(ref) != "local":
+        return None
+    path = os.path.expanduser(_strip_file(ref))
+    return None if os.path.exists(path) else path
+
+
 def resolve_local(ref: str, storage_options: dict[str, Any] | None = None) -> str:
-    """What ``from_pretrained`` (or a weights loader) should open for ``ref`` on this node."""
+    """What ``from_pretrained`` (or a weights loader) should open for ``ref`` on this node.
+
+    Raises:
+        ConfigError: ``ref`` is a local path that does not exist here (without this, transformers
+            takes it for a hub id and fails with a message about repo id syntax).
+    """
     kind = kind_of(ref)
     if kind == "remote":
         return str(stage(ref, storage_options))
     if kind == "local":
+        if missing_local(ref):
+            raise ConfigError(f"model {ref!r}: no such file or folder on {socket.gethostname()}")
         return os.path.expanduser(_strip_file(ref))
     return ref
 
@@ -180,7 +198,12 @@ def _provenance_cached(ref: str, revision: str | None, opts_json: str) -> dict[s
     out: dict[str, Any] = {"model": ref, "revision": revision, "weights_sha256": None}
     root: Path | None = None
     if kind == "local":
-        root = Path(resolve_local(ref))
+        if missing_local(ref):
+            # A cluster's driver need not see the paths its workers load from; a local run
+            # refuses a missing path before Ray starts (pipelines.runner.check_local_sources).
+            logger.warning("model %s is not on this machine: its weights digest is not recorded", ref)
+        else:
+            root = Path(resolve_local(ref))
     elif kind == "hub":
         root = hub_snapshot(ref, revision)
         if root is None:

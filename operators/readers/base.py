@@ -39,6 +39,21 @@ logger = logging.getLogger(__name__)
 
 BLOCK_SCHEMA = pa.schema(list(READER_SCHEMA) + INTERNAL_FIELDS)
 
+# Bytes a shard's head must hold to be told apart: a tar header is 512 bytes, with "ustar" at 257.
+SNIFF_BYTES = 512
+FORMAT_NAMES = {"webdataset": "tar archive (WebDataset)", "parquet": "Parquet file"}
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The ``input.format`` whose shards start like ``head`` ("webdataset" for an uncompressed
+    tar, "parquet"), or None: anything else (compressed tars, other files, garbage) is not
+    recognised, and reading decides what it is."""
+    if head[:4] == b"PAR1":
+        return "parquet"
+    if head[257:262] == b"ustar":
+        return "webdataset"
+    return None
+
 
 @dataclass
 class Sample:
@@ -99,6 +114,32 @@ class ShardReader:
 
     def samples(self, shard: str, damage: ShardDamage) -> Iterator[Sample]:  # pragma: no cover
         raise NotImplementedError
+
+    def check_format(self, shard: str) -> None:
+        """Refuse a shard that is plainly another format this tool reads (a tar under
+        ``format: parquet``, a Parquet file under ``format: webdataset``).
+
+        Without it every such shard reads as damaged with 0 rows, the run exits 0, and the
+        ledger marks the shards done, so fixing ``input.format`` afterwards redoes nothing.
+        One read of the shard's first bytes; a shard that cannot be read here is left to the
+        read tasks, whose outcome (failed, damaged) is the shard's own.
+
+        Raises:
+            ConfigError: names the shard, what it is and the ``input.format`` that reads it.
+        """
+        if self.name not in FORMAT_NAMES:
+            return  # folders of images and caption files are not single-format shards
+        url = shard.split("#", 1)[0]
+        try:
+            fs, path = filesystem(url, self.storage_options)
+            head = fs.cat_file(path, start=0, end=SNIFF_BYTES)  # one ranged GET on object storage
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            logger.debug("could not read the head of %s to check its format: %s", shard, exc)
+            return
+        found = sniff_format(head)
+        if found is not None and found != self.name:
+            raise ConfigError(f"{shard} is a {FORMAT_NAMES[found]}, but input.format is {self.name!r} "
+                              f"(set input.format: {found})")
 
     def open(self, url: str) -> ResumableFile:
         """Open a shard for reading; transient errors re-open it at the same offset."""

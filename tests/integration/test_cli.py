@@ -97,6 +97,40 @@ def test_bad_config_is_one_line_naming_file_key_and_value(tmp_path, override, ex
         assert str(path) in line
 
 
+def test_a_wrong_input_format_or_a_missing_model_path_stops_before_ray_starts_in_one_line(tmp_path):
+    """Config faults that used to surface late: a tar under ``format: parquet`` read as damaged
+    shards (exit 0, every shard marked done), a model path that does not exist failed in every
+    actor with transformers' repo-id message after Ray and the actors had started."""
+    make_webdataset_shards(tmp_path / "shards", n_shards=3, samples_per_shard=2)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="mmr", dir="/tmp"))  # stays empty unless a Ray starts
+    try:
+        env = {"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": "local"}
+        wrong = _config(tmp_path, input={"format": "parquet", "paths": [str(tmp_path / "shards" / "*.tar")]})
+        proc = mmcurate("run", str(wrong), "--log-level", "WARNING", env=env)
+        line = _one_error_line(proc)
+        assert proc.returncode == 2
+        assert re.fullmatch(rf"mmcurate: error: {re.escape(str(tmp_path))}/shards/0000[0-2]\.tar is a tar archive "
+                            r"\(WebDataset\), but input\.format is 'parquet' \(set input\.format: webdataset\)", line)
+        assert not list((tmp_path / "out").glob("_mmcurate/ledger/*.json"))
+
+        missing = tmp_path / "models" / "clip"
+        cfg = _config(tmp_path, operators=[{"decode": {}}, {"clip": {"model": str(missing)}}])
+        proc = mmcurate("run", str(cfg), "--log-level", "WARNING", env=env)
+        line = _one_error_line(proc)
+        assert proc.returncode == 2
+        assert line == f"mmcurate: error: operator 'clip': model '{missing}': no such file or folder"
+        assert not list(ray_tmp.iterdir()), "a Ray was started before the error"
+
+        # On a cluster the driver does not judge the workers' paths (each actor refuses a missing
+        # one itself): this run gets as far as connecting to its (dead) Ray.
+        port = free_port()
+        proc = mmcurate("run", str(cfg), "--log-level", "WARNING", env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+        line = _one_error_line(proc)
+        assert proc.returncode == 2 and f"cannot reach Ray at 127.0.0.1:{port}" in line
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def test_missing_input_and_unreachable_bucket_are_one_line(tmp_path):
     line = _one_error_line(mmcurate("plan", str(_config(tmp_path))))
     assert "00000.tar" in line and "does not exist" in line

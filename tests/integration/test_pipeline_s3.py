@@ -7,7 +7,9 @@ import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
+from ground.errors import ConfigError
 from ground.layout import shard_tag, staging_prefix
 from jobs.sample_data import make_webdataset_shards
 from pipelines.ledger import Ledger
@@ -130,3 +132,18 @@ def test_hf_datasets_decodes_output_images(ray_session, tmp_path):
     assert len(ds) == 6
     img = ds[0]["image"]
     assert img.size == (ds[0]["width"], ds[0]["height"])
+
+
+def test_tar_shards_under_format_parquet_stop_the_run_before_anything_is_committed(s3, tmp_path):
+    """One ranged GET of the first pending shard; without it every shard read as damaged, the run
+    exited 0 and the ledger marked all of them done (no Ray needed: the run stops before it)."""
+    fs, opts, bucket = s3
+    _upload_shards(fs, bucket, tmp_path)
+    cfg = make_config([f"s3://{bucket}/wds/*.tar"], f"s3://{bucket}/out", storage_options=opts, fmt="parquet")
+    with pytest.raises(ConfigError, match=rf"^s3://{bucket}/wds/00000\.tar is a tar archive \(WebDataset\), but "
+                                          r"input\.format is 'parquet' \(set input\.format: webdataset\)$"):
+        run(cfg)
+    fs.invalidate_cache()
+    assert not fs.exists(f"{bucket}/out/_mmcurate/ledger") or not fs.find(f"{bucket}/out/_mmcurate/ledger")
+    (stats,) = [json.loads(fs.cat_file(p)) for p in fs.find(f"{bucket}/out/_mmcurate/runs") if p.endswith("stats.json")]
+    assert stats["status"] == "error" and "ConfigError" in stats["error"]

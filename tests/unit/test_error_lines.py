@@ -10,7 +10,8 @@ from __future__ import annotations
 import ray.exceptions as rex
 from ray.data.exceptions import SystemException
 
-from jobs.cli import one_line
+from ground.errors import ConfigError
+from jobs.cli import one_line, our_error
 
 
 def _remote(kind: str, message: str) -> rex.RayTaskError:
@@ -35,3 +36,21 @@ def test_an_actor_that_died_without_a_python_error_says_so():
     died = rex.ActorDiedError(cause=None)
     line = one_line(died)
     assert line.startswith("ActorDiedError: ") and len(line.splitlines()) == 1 and len(line) > len("ActorDiedError: ")
+
+
+def test_our_own_error_from_a_dead_actor_keeps_its_line_and_exit_code():
+    # A model actor refusing a missing local path on a cluster: only the text comes back.
+    died = rex.ActorDiedError(cause=_remote("ground.errors.ConfigError",
+                                            "model '/m/clip': no such file or folder on node-7"))
+    try:
+        try:
+            raise died
+        except rex.ActorDiedError:
+            raise SystemException()  # noqa: B904
+    except SystemException as exc:
+        ours = our_error(exc)
+        assert isinstance(ours, ConfigError) and ours.exit_code == 2
+        assert one_line(exc) == str(ours) == "model '/m/clip': no such file or folder on node-7"
+    # Anyone else's error of the same shape is not taken for ours.
+    other = rex.ActorDiedError(cause=_remote("OSError", "model.safetensors: no such file"))
+    assert our_error(other) is None

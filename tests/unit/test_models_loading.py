@@ -156,3 +156,15 @@ def test_prefetch_of_an_uncached_hub_model_is_one_clear_line_and_exit_2(tmp_path
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert lines[0].startswith("mmcurate: error: cannot fetch tiny-org/absent@main from the hub")
     assert bool(recording_hub.requests) is not offline  # online it asked the hub, offline it did not
+
+
+def test_a_missing_local_model_path_is_a_config_error_in_the_actor_and_only_a_warning_in_provenance(tmp_path, caplog):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(loading.ConfigError, match=rf"model '{missing}': no such file or folder on "):
+        loading.resolve_local(missing)
+    assert loading.missing_local(missing) == missing and loading.missing_local(f"file://{missing}") == missing
+    assert loading.missing_local(str(tmp_path)) is None and loading.missing_local("org/model") is None
+    # A cluster's driver need not see its workers' paths: no digest, a warning, no error.
+    with caplog.at_level("WARNING", logger="operators.models.loading"):
+        info = loading.model_provenance(missing)
+    assert info["weights_sha256"] is None and "is not on this machine" in caplog.text

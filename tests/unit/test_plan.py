@@ -34,3 +34,17 @@ def test_model_storage_options_do_not_change_the_config_hash():
     b = _cfg([{"clip": {"model": "s3://b/clip", "storage_options": {"profile": "other"}}}])
     c = _cfg([{"clip": {"model": "s3://b/clip-l14"}}])
     assert config_hash(a) == config_hash(b) != config_hash(c)
+
+
+@pytest.mark.parametrize("address, env, local", [
+    (None, None, True), (None, "local", True), ("local", None, True),
+    (None, "10.0.0.5:6379", False), ("ray://head:10001", None, False), ("10.0.0.5:6379", "local", False)])
+def test_the_driver_checks_local_model_paths_only_when_its_ray_is_local(monkeypatch, address, env, local):
+    from pipelines.runner import runs_on_local_ray
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    cfg = validate({"name": "p", "input": {"format": "webdataset", "paths": ["/d/*.tar"]}, "output": {"path": "/o"},
+                    "operators": [{"decode": {}}], "ray": {"address": address}}, source="<test>")
+    assert runs_on_local_ray(cfg) is local

@@ -375,3 +375,29 @@ def test_coco_without_images_prefix_is_a_config_error(tmp_path):
     (shard,) = r.list_shards()
     with pytest.raises(ConfigError, match="images_prefix"):
         list(r.read_blocks(shard))
+
+
+# -- A shard of another format than input.format -----------------------------------------
+
+def test_a_shard_of_the_other_format_is_a_config_error_naming_the_format_to_set(tmp_path):
+    zoo.make_zoo_shard(tmp_path / "zoo.tar")
+    pq.write_table(pa.table({"image": [b"x"]}), tmp_path / "part.parquet")
+    (tmp_path / "zoo.tar.gz").write_bytes(gzip.compress((tmp_path / "zoo.tar").read_bytes(), mtime=0))
+    (tmp_path / "page.tar").write_bytes(b"<html>503 Slow Down</html>" * 40)
+    (tmp_path / "empty.tar").write_bytes(b"")
+
+    with pytest.raises(ConfigError) as err:
+        reader("parquet", [str(tmp_path / "zoo.tar")]).check_format(str(tmp_path / "zoo.tar"))
+    assert str(err.value) == (f"{tmp_path}/zoo.tar is a tar archive (WebDataset), but input.format is 'parquet' "
+                              "(set input.format: webdataset)")
+    with pytest.raises(ConfigError, match=r"part\.parquet is a Parquet file, but input.format is 'webdataset' "
+                                          r"\(set input.format: parquet\)"):
+        reader("webdataset", [str(tmp_path / "part.parquet")]).check_format(str(tmp_path / "part.parquet"))
+    # Each format accepts its own shards, and what it does not recognise is left to reading,
+    # where garbage and empty objects are damaged shards (data), not config errors.
+    wds = reader("webdataset", [str(tmp_path / "zoo.tar")])
+    for name in ("zoo.tar", "zoo.tar.gz", "page.tar", "empty.tar", "missing.tar"):
+        wds.check_format(str(tmp_path / name))
+    pqr = reader("parquet", [str(tmp_path / "part.parquet")])
+    for name in ("part.parquet", "zoo.tar.gz", "page.tar", "empty.tar"):
+        pqr.check_format(str(tmp_path / name))
