@@ -184,7 +184,16 @@ def our_error(exc: BaseException) -> MmcurateError | None:
     keeps its one line and its exit code (a worker's ``ConfigError`` exits 2, not 1)."""
     cause = root_cause(exc)
     if isinstance(cause, MmcurateError):
-        return cause
+        if "\n" not in str(cause):
+            return cause
+        # Ray's copy of a task's error (a RayTaskError subclassing ours): its text is the whole
+        # remote traceback, whose last line of our class carries the message.
+        ours = next(c for c in type(cause).__mro__ if issubclass(c, MmcurateError) and c.__module__ == errors.__name__)
+        for line in reversed(str(cause).splitlines()):
+            m = _ERROR_LINE.match(line)
+            if m and m.group(1) == ours.__name__:
+                return ours(m.group(2).strip())
+        return ours(str(cause).strip().splitlines()[-1])
     if cause.__class__.__name__.startswith(RAY_WRAPPERS):
         name, _, message = (_wrapped_error(exc) or "").partition(": ")
         cls = getattr(errors, name, None)
@@ -246,6 +255,7 @@ def main() -> None:
         app()
     except MmcurateError as exc:
         _stop_ray_output()
+        exc = our_error(exc) or exc  # Ray's copy of a task's error carries the whole traceback
         typer.echo(f"mmcurate: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

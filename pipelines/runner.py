@@ -192,12 +192,31 @@ def init_ray(cfg: PipelineConfig) -> None:
                 kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
             kwargs["_system_config"] = dict(LOCAL_RAY_SYSTEM_CONFIG)
             ray.init(**kwargs)
+    for name in RAY_DATA_TRACEBACK_LOGGERS:
+        logger_ = logging.getLogger(name)
+        if _traceback_only_at_debug not in logger_.filters:
+            logger_.addFilter(_traceback_only_at_debug)
     ctx = DataContext.get_current()
     # Our fused stages have long names; Ray Data shortens them in its progress lines and warns
     # that it did. Full names, no warning.
     ctx.enable_progress_bar_name_truncation = False
     ctx.execution_options.preserve_order = False
     ctx.execution_no_progress_timeout_s = cfg.ray.no_progress_timeout_s
+
+
+# Ray Data's driver-side loggers that print a failed task's whole remote traceback (and call
+# our own errors "internal code" of Ray's); the run ends with that error as one line instead.
+RAY_DATA_TRACEBACK_LOGGERS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
+
+
+def _traceback_only_at_debug(record: logging.LogRecord) -> bool:
+    """Below DEBUG, drop the traceback Ray Data attaches to a failed task's log record (and its
+    separate "Full stack trace" records); the message line stays."""
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        return True
+    record.exc_info, record.exc_text = None, None
+    message = record.getMessage()
+    return not (message.startswith("Full stack trace") or "please open an issue on the Ray" in message)
 
 
 def _hide_auth_on_notice(record: logging.LogRecord) -> bool:

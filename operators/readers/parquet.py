@@ -27,6 +27,19 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t) or \
+        pa.types.is_binary_view(t)
+
+
+def holds_image_bytes(t: pa.DataType) -> bool:
+    """True for an image column the reader can take: binary, a struct with a binary ``bytes``
+    field (HF datasets' Image), or all-null (every row a missing image)."""
+    if pa.types.is_null(t) or _is_binary(t):
+        return True
+    return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and _is_binary(t.field("bytes").type)
+
+
 class ParquetReader(ShardReader):
     """Reads one Parquet file per task, row group by row group.
 
@@ -57,6 +70,11 @@ class ParquetReader(ShardReader):
             for col in (image_col, text_col, id_col):
                 if col is not None and col not in names:
                     raise ConfigError(f"{shard}: column {col!r} not found (columns: {', '.join(names)})")
+            image_type = pf.schema_arrow.field(image_col).type
+            if not holds_image_bytes(image_type):
+                raise ConfigError(f"{shard}: column {image_col!r} holds {image_type}, not image bytes (binary, or a "
+                                  "struct with a binary 'bytes' field like HF datasets' Image); URLs must be "
+                                  "downloaded first")
             extra = [n for n in names if n not in (image_col, text_col, id_col)]
             row = 0
             batches = pf.iter_batches(batch_size=int(self.options.get("block_rows", 256)))

@@ -180,6 +180,27 @@ def test_an_error_inside_a_ray_task_is_one_line_exit_1_and_debug_shows_the_trace
     assert _last_own_line(debug.stderr) == line
 
 
+def test_a_config_error_raised_in_a_read_task_is_one_line_exit_2_without_ray_data_s_tracebacks(
+        session_ray_address, tmp_path):
+    """A Parquet list of URLs given as input: the read task refuses the column. Ray Data logged the
+    remote traceback three times and the CLI printed Ray's multi-line copy of the error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"url": ["http://example.com/a.jpg"], "caption": ["a"]}), tmp_path / "urls.parquet")
+    cfg = _config(tmp_path, input={"format": "parquet", "paths": [str(tmp_path / "urls.parquet")],
+                                   "image_column": "url", "text_column": "caption"},
+                  operators=[{"decode": {}}])
+    proc = mmcurate("run", str(cfg), "--log-level", "WARNING", env={"RAY_ADDRESS": session_ray_address})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "mmcurate: error:" in ln]
+    assert errors == [_last_own_line(proc.stderr)], proc.stderr[-3000:]
+    assert errors[0] == (f"mmcurate: error: {tmp_path}/urls.parquet: column 'url' holds string, not image bytes "
+                         "(binary, or a struct with a binary 'bytes' field like HF datasets' Image); URLs must be "
+                         "downloaded first")
+    assert "Traceback" not in proc.stderr and "open an issue" not in proc.stderr, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_run_against_s3_with_aws_endpoint_url_env_and_summary(s3, tmp_path):
     """No storage_options at all: the standard AWS chain (env credentials, AWS_ENDPOINT_URL)."""

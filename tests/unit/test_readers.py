@@ -401,3 +401,21 @@ def test_a_shard_of_the_other_format_is_a_config_error_naming_the_format_to_set(
     pqr = reader("parquet", [str(tmp_path / "part.parquet")])
     for name in ("part.parquet", "zoo.tar.gz", "page.tar", "empty.tar"):
         pqr.check_format(str(tmp_path / name))
+
+
+@pytest.mark.parametrize("column, type_name", [
+    (pa.array(["http://example.com/a.jpg"]), "string"),
+    (pa.array([[1, 2, 3]], type=pa.list_(pa.uint8())), "list<element: uint8>"),
+    (pa.array([{"path": "a.jpg"}]), "struct<path: string>")])
+def test_an_image_column_that_holds_no_bytes_is_a_config_error_naming_file_column_and_type(tmp_path, column,
+                                                                                           type_name):
+    # e.g. an img2dataset URL list given as input: one clear line instead of a TypeError in hashing
+    pq.write_table(pa.table({"image": column, "text": ["t"]}), tmp_path / "p.parquet")
+    url = str(tmp_path / "p.parquet")
+    with pytest.raises(ConfigError) as exc:
+        list(reader("parquet", [url]).read_blocks(url))
+    assert str(exc.value).startswith(f"{url}: column 'image' holds {type_name}, not image bytes")
+    # an all-null image column is not a config error: every row is a missing image
+    pq.write_table(pa.table({"image": pa.array([None], type=pa.null()), "text": ["t"]}), tmp_path / "n.parquet")
+    out, _ = read(reader("parquet", [url]), str(tmp_path / "n.parquet"))
+    assert out["reject_reason"].to_pylist() == ["parquet:missing_image"]
