@@ -5,9 +5,9 @@ pipelines run on a real local Ray, and model operators load real (tiny, random) 
 models built once per session.
 
 The environment the suite needs (test credentials, HF offline, a private model staging
-cache, an HF home under a temporary folder, a temporary folder for Ray's session folders) is set in ``pytest_configure`` -- before test
-modules are imported, because huggingface_hub reads its settings at import -- and restored
-in ``pytest_unconfigure``. A session guard fails the run if anything new appears in HOME.
+cache, an HF home under a temporary folder, a temporary folder for Ray's session folders) is
+set in ``pytest_configure`` -- before test modules are imported, because huggingface_hub reads
+its settings at import -- and restored in ``pytest_unconfigure``. A session guard fails the run if anything new appears in HOME.
 """
 
 from __future__ import annotations
