@@ -5,9 +5,11 @@ pipelines run on a real local Ray, and model operators load real (tiny, random) 
 models built once per session.
 
 The environment the suite needs (test credentials, HF offline, a private model staging
-cache, an HF home under a temporary folder, a temporary folder for Ray's session folders) is
-set in ``pytest_configure`` -- before test modules are imported, because huggingface_hub reads
-its settings at import -- and restored in ``pytest_unconfigure``. A session guard fails the run if anything new appears in HOME.
+cache, an HF home under a temporary folder, a temporary folder for Ray's session folders and
+one for the temporary files of every process the tests start) is set in ``pytest_configure``
+-- before test modules are imported, because huggingface_hub reads its settings at import --
+and restored in ``pytest_unconfigure``. A session guard fails the run if anything new appears
+in HOME.
 """
 
 from __future__ import annotations
@@ -61,6 +63,13 @@ def pytest_configure(config):
     # suite. A short folder directly under /tmp: Ray's unix socket paths must stay under 108 bytes,
     # which a long TMPDIR would break.
     ray_tmp = Path(tempfile.mkdtemp(prefix="mmr-", dir="/tmp"))
+    # Every process the tests start (Ray's workers and dashboards, subprocess runs, browsers)
+    # makes its temporary files here: a process killed before it cleans up (a `ray start` node's
+    # dashboard leaves Python's multiprocessing folder, pymp-*) then leaves nothing in /tmp.
+    # This process keeps the folder tempfile chose above (it caches it at first use), so pytest's
+    # tmp_path stays where pytest puts it.
+    proc_tmp = ray_tmp / "tmp"
+    proc_tmp.mkdir()
     mp = pytest.MonkeyPatch()
     env = {
         "AWS_ACCESS_KEY_ID": TEST_KEY,
@@ -85,6 +94,7 @@ def pytest_configure(config):
         # private Rays need none. Tests of `ray start` clusters set RAY_AUTH_MODE themselves.
         "RAY_AUTH_MODE": "disabled",
         "RAY_TMPDIR": str(ray_tmp),
+        "TMPDIR": str(proc_tmp),
     }
     for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "HF_ENDPOINT", "HF_HUB_CACHE"):
         mp.delenv(name, raising=False)  # a developer's own settings must not leak into the tests

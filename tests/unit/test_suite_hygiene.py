@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 # What tests/conftest.py sets (and, for the first group, deletes) for the whole session.
 MANAGED = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "RAY_DATA_DISABLE_PROGRESS_BARS",
            "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "MMCURATE_MODEL_CACHE", "HF_HOME", "XDG_CACHE_HOME",
-           "XDG_CONFIG_HOME", "CUDA_CACHE_PATH", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_TMPDIR", "AWS_PROFILE",
-           "HF_ENDPOINT"]
+           "XDG_CONFIG_HOME", "CUDA_CACHE_PATH", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_TMPDIR", "TMPDIR",
+           "AWS_PROFILE", "HF_ENDPOINT"]
 
 INNER = """
 import json, os, sys, pytest
@@ -54,3 +54,20 @@ def test_the_session_ray_keeps_its_session_folder_in_the_suite_s_temporary_folde
     session_dir = Path(ray_session._private.worker._global_node.get_session_dir_path())
     suite_ray_tmp = Path(os.environ["RAY_TMPDIR"])
     assert suite_ray_tmp.name.startswith("mmr-") and session_dir.is_relative_to(suite_ray_tmp), session_dir
+
+
+def test_processes_the_tests_start_make_their_temporary_files_in_the_suite_s_folder(ray_session):
+    """A subprocess and a Ray worker both get the suite's temporary folder, not /tmp: what a killed
+    process leaves (a `ray start` dashboard's multiprocessing folder, pymp-*) goes with the suite."""
+    suite_ray_tmp = Path(os.environ["RAY_TMPDIR"])
+
+    @ray_session.remote
+    def worker_tempdir() -> str:
+        import tempfile
+
+        return tempfile.gettempdir()
+
+    child = subprocess.run([sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    for where in (child, ray_session.get(worker_tempdir.remote())):
+        assert Path(where).is_relative_to(suite_ray_tmp), where
