@@ -87,6 +87,9 @@ def pytest_configure(config):
         "XDG_CONFIG_HOME": str(root / "xdg-config"),
         # CUDA's JIT compute cache (~/.nv by default) on GPU machines.
         "CUDA_CACHE_PATH": str(root / "cuda-cache"),
+        # torch makes its inductor cache folder (TMPDIR/torchinductor_USER) when transformers
+        # is imported, here too: this process's TMPDIR is still /tmp (see proc_tmp above).
+        "TORCHINDUCTOR_CACHE_DIR": str(root / "torchinductor"),
         # ray.init() without an address joins any cluster `ray start` left on this machine;
         # "local" makes every Ray the tests (and their subprocess runs) start a private one.
         "RAY_ADDRESS": "local",

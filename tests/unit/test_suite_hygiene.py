@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 MANAGED = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "RAY_DATA_DISABLE_PROGRESS_BARS",
            "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "MMCURATE_MODEL_CACHE", "HF_HOME", "XDG_CACHE_HOME",
            "XDG_CONFIG_HOME", "CUDA_CACHE_PATH", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_TMPDIR", "TMPDIR",
-           "AWS_PROFILE", "HF_ENDPOINT"]
+           "TORCHINDUCTOR_CACHE_DIR", "AWS_PROFILE", "HF_ENDPOINT"]
 
 INNER = """
 import json, os, sys, pytest
@@ -71,3 +71,11 @@ def test_processes_the_tests_start_make_their_temporary_files_in_the_suite_s_fol
                            capture_output=True, text=True, check=True).stdout.strip()
     for where in (child, ray_session.get(worker_tempdir.remote())):
         assert Path(where).is_relative_to(suite_ray_tmp), where
+
+
+def test_torch_s_cache_folder_is_in_the_suite_s_folder_in_this_process_too(session_dir):
+    """Importing transformers makes torch's inductor cache folder; in the pytest process, whose own
+    temporary folder stays /tmp, that would be /tmp/torchinductor_USER after every run."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert Path(cache_dir()).is_relative_to(session_dir), cache_dir()
