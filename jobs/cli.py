@@ -100,13 +100,19 @@ def run(config: Path = typer.Argument(..., help="pipeline YAML"),
 def plan(config: Path = typer.Argument(..., help="pipeline YAML"),
          set_: Optional[list[str]] = typer.Option(None, "--set", help="override: dotted.key=YAML value"),
          as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
-    """Dry run without Ray: shards found, committed and pending; operators and resources."""
+    """Dry run without Ray: shards found, committed and pending; operators and resources.
+
+    Makes the checks a run makes before Ray starts (the first pending shard's format, local
+    model paths), so a config that ``run`` would refuse is refused here with the same line."""
     _setup_logging("WARNING")
     from pipelines import config as config_mod
     from pipelines.plan import make_plan
+    from pipelines.runner import preflight
 
     cfg = config_mod.load(config, set_ or [])
-    desc = make_plan(cfg).describe()
+    made = make_plan(cfg)
+    preflight(cfg, made, made.pending)
+    desc = made.describe()
     if as_json:
         typer.echo(json.dumps(desc, indent=1))
         return

@@ -145,6 +145,24 @@ def check_local_sources(steps: list[OperatorStep]) -> None:
                 raise ConfigError(f"operator {step.name!r}: {key} {ref!r}: no such file or folder")
 
 
+def preflight(cfg: PipelineConfig, plan: Plan, pending: list[str], reader=None) -> None:
+    """The config checks a run makes before Ray starts (and ``mmcurate plan`` makes too).
+
+    Config faults that would otherwise surface only in every read task or model actor, after
+    Ray has started (or, for a wrong format, never: every shard damaged, exit 0): the first
+    pending shard's format (its first bytes; one ranged GET on object storage) and, on a local
+    Ray, the model and weights paths. Nothing is checked when nothing is pending.
+
+    Raises:
+        ConfigError: names the shard or the operator, the key and the path.
+    """
+    if not pending:
+        return
+    (reader or make_reader(cfg.input.model_dump())).check_format(pending[0])
+    if runs_on_local_ray(cfg):
+        check_local_sources(plan.steps)
+
+
 def init_ray(cfg: PipelineConfig) -> None:
     """Start or join Ray as configured; bounded in time, never silently joining a stray cluster.
 
@@ -449,12 +467,7 @@ def _run_locked(cfg: PipelineConfig, summary: RunSummary, ledger: Ledger, lock: 
             logger.warning("committed shards were made with config %s, this run is %s: they are skipped, not "
                            "redone (delete OUT/_mmcurate/ledger records to redo them)", first["config_hash"],
                            summary.config_hash)
-    if pending:
-        # Config faults that would otherwise surface only in every read task or model actor,
-        # after Ray has started (or, for a wrong format, never: every shard damaged, exit 0).
-        reader.check_format(pending[0])
-        if runs_on_local_ray(cfg):
-            check_local_sources(plan.steps)
+    preflight(cfg, plan, pending, reader)
     if ledger.finish_replacements():
         logger.info("finished deleting the old files of shards redone by an interrupted run")
     ledger.prepare(pending, committed=len(plan.committed), keep=keep)

@@ -112,6 +112,9 @@ def test_a_wrong_input_format_or_a_missing_model_path_stops_before_ray_starts_in
         assert re.fullmatch(rf"mmcurate: error: {re.escape(str(tmp_path))}/shards/0000[0-2]\.tar is a tar archive "
                             r"\(WebDataset\), but input\.format is 'parquet' \(set input\.format: webdataset\)", line)
         assert not list((tmp_path / "out").glob("_mmcurate/ledger/*.json"))
+        # `mmcurate plan` refuses what `run` would refuse, with the same line.
+        planned = mmcurate("plan", str(wrong), env=env)
+        assert planned.returncode == 2 and _one_error_line(planned) == line
 
         missing = tmp_path / "models" / "clip"
         cfg = _config(tmp_path, operators=[{"decode": {}}, {"clip": {"model": str(missing)}}])
@@ -119,6 +122,8 @@ def test_a_wrong_input_format_or_a_missing_model_path_stops_before_ray_starts_in
         line = _one_error_line(proc)
         assert proc.returncode == 2
         assert line == f"mmcurate: error: operator 'clip': model '{missing}': no such file or folder"
+        planned = mmcurate("plan", str(cfg), env=env)
+        assert planned.returncode == 2 and _one_error_line(planned) == line
         assert not list(ray_tmp.iterdir()), "a Ray was started before the error"
 
         # On a cluster the driver does not judge the workers' paths (each actor refuses a missing
