@@ -107,11 +107,18 @@ def test_crontab_line_runs_as_cron_would(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "SHELL": "/bin/sh",
-           "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+           "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+           # Not cron's, but not what the line relies on either: where the run's Ray and its
+           # processes keep their temporary files (the suite's folders, removed at the end;
+           # without them every suite run left a Ray session folder in /tmp/ray).
+           "RAY_TMPDIR": os.environ["RAY_TMPDIR"], "TMPDIR": os.environ["TMPDIR"]}
     if os.environ.get("PYTHONPATH") or not (Path(sys.executable).parent / "mmcurate").exists():
         env["PYTHONPATH"] = str(REPO)  # a source checkout run without `pip install -e .`
+    sessions = lambda: set(Path(os.environ["RAY_TMPDIR"]).glob("ray/session_2*"))  # noqa: E731
+    before = sessions()
     ran = subprocess.run(["/bin/sh", "-c", command], cwd=home, env=env, capture_output=True, text=True, timeout=540)
     assert ran.returncode == 0, log.read_text()[-3000:] if log.exists() else ran.stderr
+    assert sessions() - before, "the run's Ray kept its session folder outside the suite's folder"
     assert "shards: 2 found, 0 already committed, 2 committed now" in log.read_text()
     assert len(list((work / "out" / "_mmcurate" / "ledger").rglob("*.json"))) == 2
 
