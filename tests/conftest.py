@@ -55,6 +55,17 @@ def _home_entries() -> set[str]:
     return out
 
 
+# What processes leave in /tmp when they run outside the suite's folders or are killed before they
+# clean up: multiprocessing's folders, torch's cache folder, Ray's session folders. The session
+# guard fails the run if one appears (/tmp, where they land when TMPDIR is unset, as in CI).
+SYSTEM_TMP = Path("/tmp")
+TMP_LEFTOVERS = ("pymp-*", "torchinductor_*", "ray/session_2*")
+
+
+def _tmp_leftovers() -> set[str]:
+    return {str(p.relative_to(SYSTEM_TMP)) for pattern in TMP_LEFTOVERS for p in SYSTEM_TMP.glob(pattern)}
+
+
 def pytest_configure(config):
     """Set the suite's environment before any test module is imported; remember how to undo it."""
     root = Path(tempfile.mkdtemp(prefix="mmcurate-tests-"))
@@ -106,7 +117,8 @@ def pytest_configure(config):
         env["PLAYWRIGHT_BROWSERS_PATH"] = str(browsers)  # installed browsers stay findable
     for name, value in env.items():
         mp.setenv(name, value)
-    _SESSION.update(root=root, ray_tmp=ray_tmp, monkeypatch=mp, home_before=_home_entries())
+    _SESSION.update(root=root, ray_tmp=ray_tmp, monkeypatch=mp, home_before=_home_entries(),
+                    tmp_before=_tmp_leftovers())
 
 
 def pytest_unconfigure(config):
@@ -121,11 +133,15 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_outside_tmp():
-    """Fail the session if the tests added anything to HOME or ~/.cache (they must use tmp folders)."""
+    """Fail the session if the tests added anything to HOME or ~/.cache, or left one of
+    TMP_LEFTOVERS in /tmp (they must use their temporary folders)."""
     yield
     added = _home_entries() - _SESSION.get("home_before", set())
     if added:
         pytest.fail(f"the tests wrote outside their temporary folders: {sorted(added)}", pytrace=False)
+    left = _tmp_leftovers() - _SESSION.get("tmp_before", set())
+    if left:
+        pytest.fail(f"the tests left these in {SYSTEM_TMP}: {sorted(left)}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,9 +67,12 @@ def test_a_batch_of_twelve_megapixel_photos_stays_far_below_a_full_decode(tmp_pa
     model = tiny_models["clip"]
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(photo_jpeg())
+    # A bare environment, but for where the child's temporary files go (the suite's folders):
+    # importing transformers makes torch's cache folder, /tmp/torchinductor_USER otherwise.
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+           **{name: os.environ[name] for name in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}}
     proc = subprocess.run([sys.executable, "-c", CHILD, str(model), str(photo), "64", str(PHOTOS)],
-                          cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
-                          capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(proc.stdout.strip().splitlines()[-1])
     growth = rec["after_mb"] - rec["before_mb"]
