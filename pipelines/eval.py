@@ -157,12 +157,13 @@ class PairedEmbeddings:
 def _file_pairs(fs, path: str, image_col: str, text_col: str) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, int]]:
     """(keys, image, text, rows in batch) of the rows of one file that have both embeddings."""
     try:
-        pf = pq.ParquetFile(fs.open(path, "rb"))
-        missing = [c for c in ("key", image_col, text_col) if c not in pf.schema_arrow.names]
-        if missing:
-            raise ConfigError(f"{path}: no column(s) {missing}; evaluate a prefix whose model operator "
-                              "stored both embeddings (--column-prefix)")
-        table = pf.read(columns=["key", image_col, text_col])
+        with fs.open(path, "rb") as f:  # closed here, not whenever the collector gets to it
+            pf = pq.ParquetFile(f)
+            missing = [c for c in ("key", image_col, text_col) if c not in pf.schema_arrow.names]
+            if missing:
+                raise ConfigError(f"{path}: no column(s) {missing}; evaluate a prefix whose model operator "
+                                  "stored both embeddings (--column-prefix)")
+            table = pf.read(columns=["key", image_col, text_col])
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001
