@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -19,6 +20,16 @@ BASIC_OPERATORS = [
     {"min_side": {"min": 32}},
     {"caption_length": {"min_words": 1}},
 ]
+
+
+# Where every process the suite starts keeps its temporary files (tests/conftest.py sets them).
+SUITE_TEMP_VARS = ("RAY_TMPDIR", "TMPDIR", "TORCHINDUCTOR_CACHE_DIR")
+
+
+def suite_temp_env() -> dict[str, str]:
+    """The suite's temporary folders, for a child started with a bare environment: without them
+    its Ray session folder, multiprocessing folders and torch's cache folder land in /tmp."""
+    return {name: os.environ[name] for name in SUITE_TEMP_VARS}
 
 
 def make_config(paths: list[str], output: str, operators: list[dict] | None = None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 from PIL import Image
 
 from operators.image.pixels import decode_rgb
+from tests.helpers import suite_temp_env
 
 REPO = Path(__file__).resolve().parents[2]
 PHOTO = (4000, 3000)
@@ -69,8 +69,7 @@ def test_a_batch_of_twelve_megapixel_photos_stays_far_below_a_full_decode(tmp_pa
     photo.write_bytes(photo_jpeg())
     # A bare environment, but for where the child's temporary files go (the suite's folders):
     # importing transformers makes torch's cache folder, /tmp/torchinductor_USER otherwise.
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
-           **{name: os.environ[name] for name in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}}
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", **suite_temp_env()}
     proc = subprocess.run([sys.executable, "-c", CHILD, str(model), str(photo), "64", str(PHOTOS)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

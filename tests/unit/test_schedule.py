@@ -28,6 +28,7 @@ from croniter import croniter
 
 from jobs.sample_data import make_webdataset_shards
 from pipelines import config as config_mod
+from tests.helpers import suite_temp_env
 
 REPO = Path(__file__).resolve().parents[2]
 RAYJOB_SCHEMA = REPO / "tests" / "data" / "kuberay" / "rayjob-v1.schema.json.gz"
@@ -109,9 +110,9 @@ def test_crontab_line_runs_as_cron_would(tmp_path):
     env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "SHELL": "/bin/sh",
            "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
            # Not cron's, but not what the line relies on either: where the run's Ray and its
-           # processes keep their temporary files (the suite's folders, removed at the end;
-           # without them every suite run left a Ray session folder in /tmp/ray).
-           "RAY_TMPDIR": os.environ["RAY_TMPDIR"], "TMPDIR": os.environ["TMPDIR"]}
+           # processes keep their temporary files (without them every suite run left a Ray
+           # session folder in /tmp/ray).
+           **suite_temp_env()}
     if os.environ.get("PYTHONPATH") or not (Path(sys.executable).parent / "mmcurate").exists():
         env["PYTHONPATH"] = str(REPO)  # a source checkout run without `pip install -e .`
     sessions = lambda: set(Path(os.environ["RAY_TMPDIR"]).glob("ray/session_2*"))  # noqa: E731
