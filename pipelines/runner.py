@@ -149,16 +149,17 @@ def preflight(cfg: PipelineConfig, plan: Plan, pending: list[str], reader=None) 
     """The config checks a run makes before Ray starts (and ``mmcurate plan`` makes too).
 
     Config faults that would otherwise surface only in every read task or model actor, after
-    Ray has started (or, for a wrong format, never: every shard damaged, exit 0): the first
-    pending shard's format (its first bytes; one ranged GET on object storage) and, on a local
-    Ray, the model and weights paths. Nothing is checked when nothing is pending.
+    Ray has started (or, for a wrong format, never: every shard damaged, exit 0): the format of
+    the first pending shard and of the first of each other file extension (their first bytes;
+    one ranged GET each on object storage) and, on a local Ray, the model and weights paths.
+    Nothing is checked when nothing is pending.
 
     Raises:
         ConfigError: names the shard or the operator, the key and the path.
     """
     if not pending:
         return
-    (reader or make_reader(cfg.input.model_dump())).check_format(pending[0])
+    (reader or make_reader(cfg.input.model_dump())).check_formats(pending)
     if runs_on_local_ray(cfg):
         check_local_sources(plan.steps)
 

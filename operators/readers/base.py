@@ -26,6 +26,7 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -42,6 +43,9 @@ BLOCK_SCHEMA = pa.schema(list(READER_SCHEMA) + INTERNAL_FIELDS)
 # Bytes a shard's head must hold to be told apart: a tar header is 512 bytes, with "ustar" at 257.
 SNIFF_BYTES = 512
 FORMAT_NAMES = {"webdataset": "tar archive (WebDataset)", "parquet": "Parquet file"}
+# Shards whose format is checked before a run, one per file extension: bounded, so names whose
+# "extension" is a number (``x.0001``, ``x.0002``) cost a few reads, not one per shard.
+FORMAT_CHECKS = 8
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -53,6 +57,11 @@ def sniff_format(head: bytes) -> str | None:
     if head[257:262] == b"ustar":
         return "webdataset"
     return None
+
+
+def _extension(shard: str) -> str:
+    """The last extension of a shard URL's file name (``.tar``, ``.gz``, ``.parquet``), lower-cased."""
+    return PurePosixPath(shard.split("#", 1)[0].rsplit("/", 1)[-1]).suffix.lower()
 
 
 @dataclass
@@ -116,30 +125,52 @@ class ShardReader:
         raise NotImplementedError
 
     def check_format(self, shard: str) -> None:
-        """Refuse a shard that is plainly another format this tool reads (a tar under
+        """:meth:`check_formats` of one shard."""
+        self.check_formats([shard])
+
+    def check_formats(self, shards: list[str]) -> None:
+        """Refuse shards that are plainly another format this tool reads (a tar under
         ``format: parquet``, a Parquet file under ``format: webdataset``).
 
         Without it every such shard reads as damaged with 0 rows, the run exits 0, and the
         ledger marks the shards done, so fixing ``input.format`` afterwards redoes nothing.
-        One read of the shard's first bytes; a shard that cannot be read here is left to the
-        read tasks, whose outcome (failed, damaged) is the shard's own.
+        Looks at the first bytes of ``shards[0]`` and of the first shard of every other file
+        extension (a ``.parquet`` among ``.tar`` files), at most :data:`FORMAT_CHECKS` shards:
+        one small read each, however many shards. A shard that cannot be read here is left to
+        the read tasks, whose outcome (failed, damaged) is the shard's own.
 
         Raises:
-            ConfigError: names the shard, what it is and the ``input.format`` that reads it.
+            ConfigError: names the shard, what it is and the ``input.format`` that reads it;
+                when other shards are of ``input.format``, that the paths mix formats.
         """
-        if self.name not in FORMAT_NAMES:
+        if not shards or self.name not in FORMAT_NAMES:
             return  # folders of images and caption files are not single-format shards
+        firsts: dict[str, str] = {}
+        for shard in shards:
+            firsts.setdefault(_extension(shard), shard)
+        seen = [(shard, self._sniff(shard)) for shard in list(firsts.values())[:FORMAT_CHECKS]]
+        wrong = [(shard, found) for shard, found in seen if found is not None and found != self.name]
+        if not wrong:
+            return
+        shard, found = wrong[0]
+        right = [s for s, f in seen if f == self.name]
+        if right:
+            raise ConfigError(f"{shard} is a {FORMAT_NAMES[found]}, but input.format is {self.name!r}, the format "
+                              f"of {right[0]}: input.paths mixes two formats; narrow it to one format's files")
+        raise ConfigError(f"{shard} is a {FORMAT_NAMES[found]}, but input.format is {self.name!r} "
+                          f"(set input.format: {found})")
+
+    def _sniff(self, shard: str) -> str | None:
+        """The format ``shard``'s first bytes show (:func:`sniff_format`), or None when they show
+        nothing known or the shard cannot be read here."""
         url = shard.split("#", 1)[0]
         try:
             fs, path = filesystem(url, self.storage_options)
             head = fs.cat_file(path, start=0, end=SNIFF_BYTES)  # one ranged GET on object storage
-        except Exception as exc:  # noqa: BLE001 - see the docstring
+        except Exception as exc:  # noqa: BLE001 - left to the read tasks
             logger.debug("could not read the head of %s to check its format: %s", shard, exc)
-            return
-        found = sniff_format(head)
-        if found is not None and found != self.name:
-            raise ConfigError(f"{shard} is a {FORMAT_NAMES[found]}, but input.format is {self.name!r} "
-                              f"(set input.format: {found})")
+            return None
+        return sniff_format(head)
 
     def open(self, url: str) -> ResumableFile:
         """Open a shard for reading; transient errors re-open it at the same offset."""

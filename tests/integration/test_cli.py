@@ -11,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -115,6 +117,14 @@ def test_a_wrong_input_format_or_a_missing_model_path_stops_before_ray_starts_in
         # `mmcurate plan` refuses what `run` would refuse, with the same line.
         planned = mmcurate("plan", str(wrong), env=env)
         assert planned.returncode == 2 and _one_error_line(planned) == line
+        # Paths that also catch a file of the other format (a stray Parquet file among the tars).
+        pq.write_table(pa.table({"image": [b"x"]}), tmp_path / "shards" / "stray.parquet")
+        mixed = _config(tmp_path, input={"format": "webdataset", "paths": [str(tmp_path / "shards" / "*")]})
+        planned = mmcurate("plan", str(mixed), env=env)
+        assert planned.returncode == 2
+        assert _one_error_line(planned).startswith(f"mmcurate: error: {tmp_path}/shards/stray.parquet is a Parquet "
+                                                   "file, but input.format is 'webdataset', the format of ")
+        (tmp_path / "shards" / "stray.parquet").unlink()
 
         missing = tmp_path / "models" / "clip"
         cfg = _config(tmp_path, operators=[{"decode": {}}, {"clip": {"model": str(missing)}}])
@@ -189,9 +199,6 @@ def test_a_config_error_raised_in_a_read_task_is_one_line_exit_2_without_ray_dat
         session_ray_address, tmp_path):
     """A Parquet list of URLs given as input: the read task refuses the column. Ray Data logged the
     remote traceback three times and the CLI printed Ray's multi-line copy of the error."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     pq.write_table(pa.table({"url": ["http://example.com/a.jpg"], "caption": ["a"]}), tmp_path / "urls.parquet")
     cfg = _config(tmp_path, input={"format": "parquet", "paths": [str(tmp_path / "urls.parquet")],
                                    "image_column": "url", "text_column": "caption"},

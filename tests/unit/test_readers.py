@@ -403,6 +403,35 @@ def test_a_shard_of_the_other_format_is_a_config_error_naming_the_format_to_set(
         pqr.check_format(str(tmp_path / name))
 
 
+def test_paths_that_mix_formats_are_refused_at_the_first_shard_of_the_odd_extension(tmp_path):
+    for i in range(3):
+        zoo.make_zoo_shard(tmp_path / f"{i:05d}.tar")
+    pq.write_table(pa.table({"image": [b"x"]}), tmp_path / "stray.parquet")
+    (tmp_path / "notes.txt").write_text("not a shard of either format")
+    shards = [str(tmp_path / n) for n in ("00000.tar", "00001.tar", "00002.tar", "notes.txt", "stray.parquet")]
+    wds = reader("webdataset", shards)
+    with pytest.raises(ConfigError) as err:
+        wds.check_formats(shards)
+    assert str(err.value) == (f"{tmp_path}/stray.parquet is a Parquet file, but input.format is 'webdataset', the "
+                              f"format of {tmp_path}/00000.tar: input.paths mixes two formats; narrow it to one "
+                              "format's files")
+    # The same when the odd file comes first: it is named, and the advice is to narrow the paths.
+    with pytest.raises(ConfigError, match=r"stray\.parquet is a Parquet file, .*: input.paths mixes two formats"):
+        wds.check_formats(shards[-1:] + shards[:-1])
+    # Under the other format the tars are the odd ones, named the same way.
+    with pytest.raises(ConfigError, match=r"00000\.tar is a tar archive \(WebDataset\), but input.format is "
+                                          r"'parquet', the format of .*stray\.parquet: input.paths mixes"):
+        reader("parquet", shards).check_formats(shards)
+    # One format's files (and files that show no known format, left to reading) pass.
+    wds.check_formats(shards[:4])
+    # Only the other format's files: the advice is to set input.format.
+    with pytest.raises(ConfigError, match=r"00000\.tar is a tar archive \(WebDataset\), but input.format is "
+                                          r"'parquet' \(set input.format: webdataset\)$"):
+        reader("parquet", shards[:4]).check_formats(shards[:4])
+    # Formats without single-file shards are not judged.
+    reader("coco", [str(tmp_path / "notes.txt")]).check_formats(shards)
+
+
 @pytest.mark.parametrize("column, type_name", [
     (pa.array(["http://example.com/a.jpg"]), "string"),
     (pa.array([[1, 2, 3]], type=pa.list_(pa.uint8())), "list<element: uint8>"),
