@@ -102,8 +102,9 @@ def plan(config: Path = typer.Argument(..., help="pipeline YAML"),
          as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
     """Dry run without Ray: shards found, committed and pending; operators and resources.
 
-    Makes the checks a run makes before Ray starts (the first pending shard's format, local
-    model paths), so a config that ``run`` would refuse is refused here with the same line."""
+    Makes the checks a run makes before Ray starts (``pipelines.runner.preflight``: shard
+    formats, local model paths), so a config that ``run`` would refuse is refused here with the
+    same line."""
     _setup_logging("WARNING")
     from pipelines import config as config_mod
     from pipelines.plan import make_plan
