@@ -89,6 +89,12 @@ class Operator:
         return cls.output_columns
 
     @classmethod
+    def prepare_stage(cls, config: OperatorConfig) -> type[Operator] | None:
+        """A light task operator the planner runs right before this one with the same config (a
+        model operator's decode + resize spread over CPU tasks), or None. Default: None."""
+        return None
+
+    @classmethod
     def provenance(cls, config: OperatorConfig) -> dict[str, Any]:
         """Per output column, what produced it (model id, revision, weights digest). Empty for plain ops."""
         return {}

@@ -44,6 +44,10 @@ CPU_ACTORS_MAX = 8
 # A GPU model actor decodes and preprocesses on its own threads (operators/models/prefetch.py):
 # it reserves this fraction of the CPUs that come with its GPU share; the rest feeds the light stages.
 GPU_ACTOR_CPU_FRACTION = 0.75
+# A GPU model actor whose images a CPU task stage prepares (clip's prepare_in, default with a GPU)
+# only unpacks, normalises and launches kernels: one CPU; the node's other CPUs run the stage's
+# tasks, each a process of its own, so decoding scales past what one process's GIL allows.
+GPU_ACTOR_CPUS_WITH_PREPARE_STAGE = 1.0
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,8 @@ def resolve_resources(steps: list[OperatorStep], node: NodeShape) -> list[Operat
       their ``max_actors``, so together they use most of a node and never all of it; an unset
       ``max_actors`` is derived first (:func:`cpu_actors`: several actors of few threads);
     * a GPU model actor gets ``GPU_ACTOR_CPU_FRACTION`` of the CPUs that come with its GPU
-      share (at least 1, at most what the CPU model operators could get);
+      share (at least 1, at most what the CPU model operators could get), or one CPU when a
+      prepare stage decodes its images (``GPU_ACTOR_CPUS_WITH_PREPARE_STAGE``);
     * everything else (decode, filters, heads) a light share.
 
     The resolved value travels in the step's config too (``config.resources``): it is what
@@ -104,7 +109,9 @@ def resolve_resources(steps: list[OperatorStep], node: NodeShape) -> list[Operat
     for s in steps:
         res = pool(s.resources) if s.cls.heavy else s.resources
         if res.num_cpus is None:
-            if s.cls.heavy and res.num_gpus:
+            if s.cls.heavy and res.num_gpus and getattr(s.config, "prepares_in_tasks", False):
+                cpus = GPU_ACTOR_CPUS_WITH_PREPARE_STAGE  # its images arrive decoded and resized
+            elif s.cls.heavy and res.num_gpus:
                 per_gpu = node.cpus_per_gpu or node.cpus
                 cpus = min(spare, max(1.0, GPU_ACTOR_CPU_FRACTION * per_gpu * res.num_gpus))
             elif s.cls.heavy:
@@ -169,6 +176,9 @@ def operator_steps(cfg: PipelineConfig) -> list[OperatorStep]:
         if clash:
             raise ConfigError(f"operator {name!r} would overwrite core column(s) {clash}; give its output another name")
         available |= set(cls.outputs(op_cfg))
+        pre = cls.prepare_stage(op_cfg)
+        if pre is not None:  # decode + resize for this model in CPU tasks, ahead of its actors
+            steps.append(OperatorStep(f"{name}_prepare", pre, op_cfg, pre.resources(op_cfg)))
         steps.append(OperatorStep(name, cls, op_cfg, cls.resources(op_cfg)))
     return steps
 

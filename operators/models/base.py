@@ -88,6 +88,12 @@ class ModelConfig(OperatorConfig):
         None, ge=0, description="testing: raise CUDA out-of-memory for model calls on more rows than this")
     resources: ModelResources = Field(default_factory=ModelResources)
 
+    @property
+    def prepares_in_tasks(self) -> bool:
+        """True when a CPU task stage decodes and resizes this operator's images (see ``clip``'s
+        ``prepare_in``); the actor then needs few CPUs of its own."""
+        return False
+
     @model_validator(mode="after")
     def _cuda_needs_gpus(self) -> "ModelConfig":
         # Ray hides GPUs from actors that reserve none, so device: cuda would fail in every actor.
@@ -230,21 +236,34 @@ class ModelOperator(Operator):
 
     def run_chunks(self, batch: pa.Table, rows: list[int], prepare: Callable[[bytes], Any],
                    forward: Callable[[list[int], dict[int, Any]], Sequence[Any]], size: Any = None,
-                   prepared_bytes: int = 0) -> tuple[dict[int, Any], dict[int, str]]:
+                   prepared_bytes: int = 0, ready: list[Any] | None = None,
+                   unpack: Callable[[Any], Any] | None = None) -> tuple[dict[int, Any], dict[int, str]]:
         """Prepare ``rows`` ahead on the decode threads and run ``forward`` chunk by chunk.
 
         ``prepare(image_bytes)`` turns one row's encoded image into model input (on a pool
         thread); ``forward(chunk, prepared)`` runs the model on ``forward_batch_size`` rows
         (through :meth:`run_split`, so out-of-memory halves the chunk). ``size`` and
         ``prepared_bytes`` feed the in-flight byte budget (see :func:`pixel_charge`).
+        ``ready`` (per row, or None) holds inputs a CPU task stage already prepared; such a row
+        is only ``unpack``-ed, and costs ``prepared_bytes``.
         Returns ({row: result}, {row: reason}); a row whose bytes do not decode is ``bad_image``.
         """
         cfg: ModelConfig = self.config
         data = image_bytes(batch)
         results: dict[int, Any] = {}
         reasons: dict[int, str] = {}
-        chunks = self.prefetcher.chunks(rows, lambda i: pixel_charge(data[i], size, prepared_bytes),
-                                        lambda i: prepare(data[i]), cfg.forward_batch_size)
+
+        def charge(i: int) -> int:
+            if ready is not None and ready[i] is not None:
+                return prepared_bytes
+            return pixel_charge(data[i], size, prepared_bytes)
+
+        def one(i: int) -> Any:
+            if ready is not None and ready[i] is not None:
+                return unpack(ready[i])
+            return prepare(data[i])
+
+        chunks = self.prefetcher.chunks(rows, charge, one, cfg.forward_batch_size)
         for chunk, prepared, failed in chunks:
             for i, exc in failed.items():
                 reasons[i] = "bad_image"

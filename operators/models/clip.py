@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from operators.base import register
-from operators.models.base import (ModelConfig, ModelOperator, embedding_array, image_size_of, pending_rows,
-                                   processor_backend)
+from operators.base import Operator, Resources, pending_mask, register, with_rejects
+from operators.models import loading
+from operators.models.base import (ModelConfig, ModelOperator, embedding_array, image_bytes, image_size_of,
+                                   pending_rows, processor_backend)
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,16 @@ class ClipConfig(ModelConfig):
     prefix: str = Field("clip", pattern=r"^[a-z][a-z0-9_]*$",
                         description="output column prefix; two CLIP models in one pipeline need two prefixes")
     text_column: str = Field("text", description="caption to embed; rows with null/empty text get no text embedding")
+    prepare_in: Literal["auto", "actor", "tasks"] = Field(
+        "auto", description="where images are decoded and resized: on the model actor's threads, or in a CPU "
+                            "task stage spread over the node's cores (auto: tasks when the actor has a GPU)")
+
+    @property
+    def prepares_in_tasks(self) -> bool:
+        """True when a CPU task stage (:class:`ClipPrepare`) decodes and resizes ahead of the actor."""
+        if self.prepare_in == "auto":
+            return self.resources.num_gpus > 0 and self.device != "cpu"
+        return self.prepare_in == "tasks"
 
 
 class PlainRecipe:
@@ -90,6 +101,52 @@ class PlainRecipe:
         return x.to(dtype)
 
 
+class ImageInputs:
+    """Encoded image -> CLIP/SigLIP model input, loadable without the model (the processor's
+    config only), so the model actor and the CPU prepare stage (:class:`ClipPrepare`) share it.
+
+    With a plain resize(+crop)/rescale/normalise processor (CLIP, SigLIP) the input is the
+    resized and cropped uint8 pixels [H, W, 3], done in Pillow, which releases the GIL, so threads
+    scale over cores; the model actor rescales and normalises whole chunks on its device
+    (:meth:`PlainRecipe.normalize`). Otherwise it is the processor's float32 pixel_values [3, H, W].
+    """
+
+    def __init__(self, source: str, **pretrained_kwargs: Any):
+        from transformers import AutoImageProcessor
+
+        self.processor = AutoImageProcessor.from_pretrained(source, backend=processor_backend(), **pretrained_kwargs)
+        self.size = image_size_of(self.processor)
+        self.recipe = PlainRecipe.of(self.processor)
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        from operators.image.pixels import decode_rgb
+
+        image = decode_rgb(data, self.size)
+        if self.recipe is not None:
+            return self.recipe.pixels(image)
+        return self.processor(images=[image], return_tensors="np")["pixel_values"][0]
+
+
+def prepared_column(config: ClipConfig) -> str:
+    """The column that carries rows prepared by :class:`ClipPrepare` to the model actor (dropped there)."""
+    return f"_{config.prefix}_prepared"
+
+
+def pack_array(a: np.ndarray) -> bytes:
+    """One prepared row as bytes: a 16-byte header (dtype, ndim, 3 dims) + the C-order data."""
+    if a.ndim != 3 or a.dtype not in (np.uint8, np.float32):
+        raise ValueError(f"prepared input must be a 3-D uint8 or float32 array, got {a.dtype} {a.shape}")
+    head = np.array([1 if a.dtype == np.uint8 else 4, *a.shape], dtype=np.int32)
+    return head.tobytes() + np.ascontiguousarray(a).tobytes()
+
+
+def unpack_array(b: bytes | pa.Buffer) -> np.ndarray:
+    """Inverse of :func:`pack_array`: a read-only view of ``b``, no copy (the forward pass stacks
+    its chunk into a new array anyway)."""
+    kind, *shape = np.frombuffer(b, dtype=np.int32, count=4)
+    return np.frombuffer(b, dtype=np.uint8 if kind == 1 else np.float32, offset=16).reshape(shape)
+
+
 def _features(out: Any):
     """``get_*_features`` returns a tensor in some transformers versions, an output object in others."""
     return out if hasattr(out, "shape") else out.pooler_output
@@ -131,14 +188,18 @@ class ClipEmbedder(ModelOperator):
     def label(cls, config: ClipConfig) -> str:
         return config.prefix
 
+    @classmethod
+    def prepare_stage(cls, config: ClipConfig) -> type[Operator] | None:
+        return ClipPrepare if config.prepares_in_tasks else None
+
     def __init__(self, config: ClipConfig):
         super().__init__(config)
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer
 
         self.model = self.place(AutoModel.from_pretrained(self.source, **self.model_kwargs()))
-        self.image_processor = AutoImageProcessor.from_pretrained(self.source, backend=processor_backend(),
-                                                                  **self.pretrained_kwargs())
-        self.image_size = image_size_of(self.image_processor)
+        self.prepare_image = ImageInputs(self.source, **self.pretrained_kwargs())
+        self.image_processor = self.prepare_image.processor
+        self.image_size = self.prepare_image.size
         self.tokenizer = AutoTokenizer.from_pretrained(self.source, **self.pretrained_kwargs())
         mcfg = self.model.config
         self.dim = int(getattr(mcfg, "projection_dim", None) or mcfg.vision_config.hidden_size)
@@ -146,24 +207,14 @@ class ClipEmbedder(ModelOperator):
         self.max_tokens = min(positions, int(self.tokenizer.model_max_length or positions))
         self.padding = "max_length" if mcfg.model_type in PAD_TO_MAX_LENGTH else True
         side = int(getattr(mcfg.vision_config, "image_size", 224))
-        self.recipe = PlainRecipe.of(self.image_processor)
+        self.recipe = self.prepare_image.recipe
         # one prepared row: uint8 pixels with the plain recipe, else float32 pixel_values
         self.input_bytes = 3 * side * side * (1 if self.recipe is not None else 4)
+        self.prepared_column = prepared_column(config)
 
     def prepare(self, data: bytes) -> np.ndarray:
-        """One row's encoded image -> model input (runs on a decode thread).
-
-        With a plain resize(+crop)/rescale/normalise processor (CLIP, SigLIP): the resized and
-        cropped uint8 pixels [H, W, 3], done in Pillow, which releases the GIL, so the threads
-        scale over cores; the chunk is rescaled and normalised at once on the model's device
-        (:meth:`normalize`). Otherwise: the processor's float32 pixel_values [3, H, W].
-        """
-        from operators.image.pixels import decode_rgb
-
-        image = decode_rgb(data, self.image_size)
-        if self.recipe is not None:
-            return self.recipe.pixels(image)
-        return self.image_processor(images=[image], return_tensors="np")["pixel_values"][0]
+        """One row's encoded image -> model input (on a decode thread; see :class:`ImageInputs`)."""
+        return self.prepare_image(data)
 
     def embed_images(self, images: list) -> np.ndarray:
         """L2-normalised float32 image embeddings [n, D] of PIL images."""
@@ -202,8 +253,16 @@ class ClipEmbedder(ModelOperator):
             by_pos = dict(zip(with_text, txt)) if with_text else {}
             return [(img[k], by_pos.get(k)) for k in range(len(chunk))]
 
-        results, reasons = self.run_chunks(batch, rows, self.prepare, forward, size=self.image_size,
-                                           prepared_bytes=self.input_bytes)
+        if self.prepared_column in batch.column_names:
+            # decoded and resized by the ClipPrepare task stage: only unpacking is left here
+            # views of the Arrow buffers (to_pylist would copy every row into a bytes object)
+            ready = [v.as_buffer() if v.is_valid else None for v in batch[self.prepared_column].combine_chunks()]
+            batch = batch.drop_columns([self.prepared_column])
+            results, reasons = self.run_chunks(batch, rows, self.prepare, forward, size=self.image_size,
+                                               prepared_bytes=self.input_bytes, ready=ready, unpack=unpack_array)
+        else:
+            results, reasons = self.run_chunks(batch, rows, self.prepare, forward, size=self.image_size,
+                                               prepared_bytes=self.input_bytes)
         n = batch.num_rows
         img_vecs = {i: r[0] for i, r in results.items()}
         txt_vecs = {i: r[1] for i, r in results.items() if r[1] is not None}
@@ -214,3 +273,49 @@ class ClipEmbedder(ModelOperator):
             text_col: embedding_array(n, txt_vecs, self.dim),
             score_col: pa.array(scores, type=pa.float32()),
         }, reasons)
+
+
+class ClipPrepare(Operator):
+    """The CPU stage of ``clip`` with ``prepare_in: tasks``: decodes and resizes each pending row's
+    image to the model's input (:class:`ImageInputs`) in a Ray task, so the work spreads over every
+    core of the node (separate processes: no shared GIL), and hands it to the model actor in
+    ``_<prefix>_prepared`` (uint8 [H, W, 3] for CLIP/SigLIP, a quarter of float32's bytes). The
+    actor then only normalises on its device and runs the forward pass.
+
+    Not a YAML operator: the planner puts it before a ``clip`` step whose config asks for it
+    (:attr:`ClipConfig.prepares_in_tasks`). It loads the image processor's config, never the
+    weights (an object-storage model is staged without them). Failure behaviour: undecodable bytes
+    ``<prefix>:bad_image``, the reason the actor would give.
+    """
+
+    name = "clip_prepare"
+    Config = ClipConfig
+
+    def __init__(self, config: ClipConfig):
+        super().__init__(config)
+        source = loading.resolve_local(config.model, config.storage_options, files=loading.PROCESSOR_FILES)
+        kw: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
+        if loading.kind_of(config.model) == "hub" and config.revision:
+            kw["revision"] = config.revision
+        self.prepare_image = ImageInputs(source, **kw)
+        self.column = prepared_column(config)
+
+    @classmethod
+    def resources(cls, config: ClipConfig) -> Resources:
+        # a light task (num_cpus derived from the node: one CPU on a 16-core node) on the model's batches
+        return Resources(batch_size=config.resources.batch_size)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        pending = pending_mask(batch)
+        data = image_bytes(batch)
+        out: list[bytes | None] = [None] * batch.num_rows
+        reasons: list[str | None] = [None] * batch.num_rows
+        for i in np.flatnonzero(pending):
+            try:
+                out[i] = pack_array(self.prepare_image(data[i]))
+            except Exception as exc:  # noqa: BLE001 - one row's bad bytes are that row's problem
+                reasons[i] = f"{self.config.prefix}:bad_image"
+                logger.debug("%s: could not decode an image: %r", self.name, exc)
+        batch = batch.append_column(self.column, pa.array(out, type=pa.large_binary()))
+        return with_rejects(batch, reasons) if any(reasons) else batch
+

@@ -35,6 +35,9 @@ MANIFEST = "mmcurate_manifest.json"
 # Written by jobs/tiny_models.py: outputs from such a folder are labelled random weights.
 RANDOM_WEIGHTS_MARKER = "mmcurate_random_weights.json"
 _COMPLETE = ".mmcurate_complete"
+# What an image processor loads (AutoImageProcessor.from_pretrained): a CPU prepare stage
+# (operators.models.clip.ClipPrepare) stages only these from object storage, never the weights.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "config.json")
 _HASH_CHUNK = 8 * 1024 * 1024
 
 
@@ -78,19 +81,21 @@ def read_manifest(url: str, storage_options: dict[str, Any]) -> dict[str, Any] |
         return None
 
 
-def stage(url: str, storage_options: dict[str, Any] | None = None) -> Path:
+def stage(url: str, storage_options: dict[str, Any] | None = None, files: tuple[str, ...] | None = None) -> Path:
     """Copy an object-storage prefix (or one object) into the node cache once; return the local path.
 
     Concurrent callers on one node wait on a file lock; the copy lands in a temporary folder
     renamed into place, so a killed copy is never mistaken for a complete one. The cache key
-    includes the manifest's digest, so a re-prefetch to the same URL is staged again.
+    includes the manifest's digest, so a re-prefetch to the same URL is staged again. With
+    ``files`` (base names), only those files of a prefix are copied, into a cache entry of their own.
     """
     from filelock import FileLock
 
     opts = storage_options or {}
     fs, path = _fs(url, opts)
     manifest = read_manifest(url, opts) if fs.isdir(path) else None
-    key = hashlib.sha1((url + json.dumps(manifest, sort_keys=True)).encode()).hexdigest()[:16]
+    only = "" if files is None else json.dumps(sorted(files))  # a partial copy is an entry of its own
+    key = hashlib.sha1((url + json.dumps(manifest, sort_keys=True) + only).encode()).hexdigest()[:16]
     base = path.rstrip("/").rsplit("/", 1)[-1] or "model"
     dest = cache_root() / f"{base}-{key}"
     done = dest / _COMPLETE
@@ -106,6 +111,8 @@ def stage(url: str, storage_options: dict[str, Any] | None = None) -> Path:
         if fs.isdir(path):
             for src in fs.find(path):
                 rel = src[len(path.rstrip("/")) + 1:]
+                if files is not None and rel.rsplit("/", 1)[-1] not in files:
+                    continue
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(src, str(tmp / rel))
         else:
@@ -131,8 +138,9 @@ def missing_local(ref: str) -> str | None:
     return None if os.path.exists(path) else path
 
 
-def resolve_local(ref: str, storage_options: dict[str, Any] | None = None) -> str:
-    """What ``from_pretrained`` (or a weights loader) should open for ``ref`` on this node.
+def resolve_local(ref: str, storage_options: dict[str, Any] | None = None, files: tuple[str, ...] | None = None) -> str:
+    """What ``from_pretrained`` (or a weights loader) should open for ``ref`` on this node
+    (an object-storage model is staged whole, or only ``files`` of it: see :func:`stage`).
 
     Raises:
         ConfigError: ``ref`` is a local path that does not exist here (without this, transformers
@@ -140,7 +148,7 @@ def resolve_local(ref: str, storage_options: dict[str, Any] | None = None) -> st
     """
     kind = kind_of(ref)
     if kind == "remote":
-        return str(stage(ref, storage_options))
+        return str(stage(ref, storage_options, files))
     if kind == "local":
         if missing_local(ref):
             raise ConfigError(f"model {ref!r}: no such file or folder on {socket.gethostname()}")

@@ -77,12 +77,36 @@ def test_explicit_settings_always_win(tmp_path):
     assert steps["clip"].config.cpu_threads == 3
 
 
-def test_a_gpu_actor_reserves_the_cpus_that_come_with_its_gpu_share(tmp_path):
-    ops = [{"decode": {}}, {"clip": {"model": "/m/clip", "resources": {"num_gpus": 0.5, "max_actors": 4}}}]
+def test_a_gpu_actor_that_decodes_on_its_threads_reserves_the_cpus_that_come_with_its_gpu_share(tmp_path):
+    ops = [{"decode": {}}, {"clip": {"model": "/m/clip", "prepare_in": "actor",
+                                     "resources": {"num_gpus": 0.5, "max_actors": 4}}}]
     # an H200 node of this project: 16 cores, one GPU
     steps = by_name(resolve_resources(steps_for(tmp_path, ops), NodeShape(cpus=16, cpus_per_gpu=16)))
+    assert list(steps) == ["decode", "clip"]
     assert steps["clip"].resources.num_cpus == 6  # 0.75 of the 8 CPUs that come with half a GPU
     assert steps["decode"].resources.num_cpus == 1
+
+
+def test_a_gpu_clip_gets_a_cpu_prepare_stage_by_default_and_keeps_one_cpu_itself(tmp_path):
+    ops = [{"decode": {}}, {"clip": {"model": "/m/clip", "resources": {"num_gpus": 1}}}]
+    steps = resolve_resources(steps_for(tmp_path, ops), NodeShape(cpus=16, cpus_per_gpu=16))
+    assert [s.name for s in steps] == ["decode", "clip_prepare", "clip"]
+    prep, clip = steps[1], steps[2]
+    # the stage is a task pool (one process per task: decoding is not held to one GIL) of
+    # light tasks, on the model's batches; the actor only unpacks and runs the model
+    assert not prep.resources.uses_actors and not prep.cls.heavy
+    assert prep.resources.num_cpus == light_share(NodeShape(cpus=16)) == 1
+    assert prep.resources.batch_size == clip.resources.batch_size
+    assert clip.resources.num_cpus == 1 and clip.resources.max_actors == 1
+    assert clip.config.resources.num_cpus == 1  # what the actor sizes its threads from
+
+
+@pytest.mark.parametrize("prepare_in, gpus, staged", [("auto", 0, False), ("tasks", 0, True), ("actor", 1, False),
+                                                      ("auto", 0.5, True)])
+def test_prepare_in_decides_whether_clip_gets_a_prepare_stage(tmp_path, prepare_in, gpus, staged):
+    ops = [{"decode": {}}, {"clip": {"model": "/m/clip", "prepare_in": prepare_in, "resources": {"num_gpus": gpus}}}]
+    names = [s.name for s in steps_for(tmp_path, ops)]
+    assert names == (["decode", "clip_prepare", "clip"] if staged else ["decode", "clip"])
 
 
 def test_the_plan_shows_unset_cpus_as_derived(tmp_path):
