@@ -158,11 +158,7 @@ class ModelOperator(Operator):
 
     def pretrained_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for every ``from_pretrained`` of this operator."""
-        cfg: ModelConfig = self.config
-        kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
-        if loading.kind_of(cfg.model) == "hub" and cfg.revision:
-            kw["revision"] = cfg.revision
-        return kw
+        return pretrained_kwargs(self.config)
 
     def model_kwargs(self) -> dict[str, Any]:
         cfg: ModelConfig = self.config
@@ -282,6 +278,14 @@ class ModelOperator(Operator):
             label = self.label(self.config)
             out = with_rejects(out, [f"{label}:{reasons[i]}" if i in reasons else None for i in range(batch.num_rows)])
         return out
+
+
+def pretrained_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for every ``from_pretrained`` of ``cfg``'s model (in actors and CPU stages)."""
+    kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if loading.kind_of(cfg.model) == "hub" and cfg.revision:
+        kw["revision"] = cfg.revision
+    return kw
 
 
 def resolve_device(device: str) -> str:

@@ -12,7 +12,7 @@ from pydantic import Field
 from operators.base import Operator, Resources, pending_mask, register, with_rejects
 from operators.models import loading
 from operators.models.base import (ModelConfig, ModelOperator, embedding_array, image_bytes, image_size_of,
-                                   pending_rows, processor_backend)
+                                   pending_rows, pretrained_kwargs, processor_backend)
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ def prepared_column(config: ClipConfig) -> str:
 
 
 def pack_array(a: np.ndarray) -> bytes:
-    """One prepared row as bytes: a 16-byte header (dtype, ndim, 3 dims) + the C-order data."""
+    """One prepared row as bytes: a 16-byte header (four int32: element size 1 for uint8 or 4 for
+    float32, then the 3 dimensions) followed by the C-order data."""
     if a.ndim != 3 or a.dtype not in (np.uint8, np.float32):
         raise ValueError(f"prepared input must be a 3-D uint8 or float32 array, got {a.dtype} {a.shape}")
     head = np.array([1 if a.dtype == np.uint8 else 4, *a.shape], dtype=np.int32)
@@ -162,9 +163,10 @@ class ClipEmbedder(ModelOperator):
     (L2-normalised, ``fixed_size_list<float16>[D]``), ``<prefix>_score`` (float32 cosine of the
     two, computed before float16 storage). Rows without text get the image embedding only.
     Resources: an actor pool (``resources``: num_gpus, num_cpus, min/max actors, batch_size);
-    images are decoded in the actor (JPEGs at reduced scale, no larger than the processor needs)
-    and resized/normalised by the model's own image processor on ``prepare_threads`` threads,
-    ahead of the forward pass, within ``max_inflight_pixels_mb``.
+    images are decoded (JPEGs at reduced scale, no larger than the processor needs) and resized
+    either in the actor on ``prepare_threads`` threads ahead of the forward pass, within
+    ``max_inflight_pixels_mb``, or, with ``prepare_in: tasks`` (the default when the actor has a
+    GPU), in the :class:`ClipPrepare` task stage the planner puts before it.
     Failure behaviour: rejected rows get no work and null outputs; undecodable bytes
     ``<prefix>:bad_image``; a row that runs out of memory alone ``<prefix>:oom`` (batches are
     halved first); a row whose forward raises ``<prefix>:model_error``. A missing or unsafe
@@ -254,7 +256,7 @@ class ClipEmbedder(ModelOperator):
             return [(img[k], by_pos.get(k)) for k in range(len(chunk))]
 
         if self.prepared_column in batch.column_names:
-            # decoded and resized by the ClipPrepare task stage: only unpacking is left here
+            # decoded and resized by the ClipPrepare task stage: only unpacking is left here, from
             # views of the Arrow buffers (to_pylist would copy every row into a bytes object)
             ready = [v.as_buffer() if v.is_valid else None for v in batch[self.prepared_column].combine_chunks()]
             batch = batch.drop_columns([self.prepared_column])
@@ -294,11 +296,9 @@ class ClipPrepare(Operator):
     def __init__(self, config: ClipConfig):
         super().__init__(config)
         source = loading.resolve_local(config.model, config.storage_options, files=loading.PROCESSOR_FILES)
-        kw: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
-        if loading.kind_of(config.model) == "hub" and config.revision:
-            kw["revision"] = config.revision
-        self.prepare_image = ImageInputs(source, **kw)
+        self.prepare_image = ImageInputs(source, **pretrained_kwargs(config))
         self.column = prepared_column(config)
+        self._warned = False
 
     @classmethod
     def resources(cls, config: ClipConfig) -> Resources:
@@ -315,7 +315,9 @@ class ClipPrepare(Operator):
                 out[i] = pack_array(self.prepare_image(data[i]))
             except Exception as exc:  # noqa: BLE001 - one row's bad bytes are that row's problem
                 reasons[i] = f"{self.config.prefix}:bad_image"
-                logger.debug("%s: could not decode an image: %r", self.name, exc)
+                if not self._warned:  # once per process, as the actor does
+                    self._warned = True
+                    logger.warning("%s: could not decode an image: %r", self.name, exc)
         batch = batch.append_column(self.column, pa.array(out, type=pa.large_binary()))
         return with_rejects(batch, reasons) if any(reasons) else batch
 
