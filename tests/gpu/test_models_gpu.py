@@ -10,7 +10,7 @@ import pytest
 
 from operators.models.base import read_embeddings
 from operators.models.caption import CaptionConfig, Captioner
-from operators.models.clip import ClipConfig, ClipEmbedder
+from operators.models.clip import ClipConfig, ClipEmbedder, ClipPrepare
 from tests.unit.test_models_clip import make_batch
 
 pytestmark = pytest.mark.gpu
@@ -30,6 +30,19 @@ def test_half_precision_on_cuda_matches_float32_on_cpu(tiny, dtype):
     a, _ = read_embeddings(gpu(batch)["clip_image_embedding"])
     b, _ = read_embeddings(cpu(batch)["clip_image_embedding"])
     assert (a * b).sum(-1).min() > 0.99
+
+
+def test_the_prepare_stage_feeds_a_cuda_actor_what_it_would_decode_itself(tiny):
+    cfg = ClipConfig(model=tiny["clip"], dtype="float16", resources={"num_gpus": 1})
+    assert cfg.prepares_in_tasks  # the default for a GPU actor
+    batch = make_batch(6)
+    staged = ClipEmbedder(cfg)(ClipPrepare(cfg)(batch))
+    alone = ClipEmbedder(cfg.model_copy(update={"prepare_in": "actor"}))(batch)
+    assert "_clip_prepared" not in staged.column_names
+    a, a_valid = read_embeddings(staged["clip_image_embedding"])
+    b, b_valid = read_embeddings(alone["clip_image_embedding"])
+    assert a_valid.all() and b_valid.all()
+    np.testing.assert_allclose(a, b, atol=2e-3)  # same uint8 inputs, same device normalisation
 
 
 @pytest.mark.parametrize("kind", ["vit_gpt2", "blip"])
