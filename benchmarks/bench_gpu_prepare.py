@@ -8,7 +8,7 @@ shard) and a long run (``--shards``), so the steady-state rows/s, ``(rows_long -
 (t_long - t_short)``, leaves out Ray's start and the model load. With CUDA it also prints the bare
 image forward on ready tensors (what the GPU could do) and each mode's ratio to it.
 
-    python benchmarks/bench_gpu_prepare.py                       # on the GPU node: 16 shards x 256
+    python benchmarks/bench_gpu_prepare.py                       # on the GPU node: 32 shards x 512
     python benchmarks/bench_gpu_prepare.py --shards 3 --per-shard 32 --layers 1 --width 32   # CPU smoke
 """
 
@@ -75,8 +75,9 @@ def bare_forward(model: Path, batch: int = 256, rounds: int = 8) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shards", type=int, default=16)
-    ap.add_argument("--per-shard", type=int, default=256)
+    # 16k rows: at ~2,000 img/s the long run's work is still several times the short run's noise
+    ap.add_argument("--shards", type=int, default=32)
+    ap.add_argument("--per-shard", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of both modes")
     ap.add_argument("--geometry", default="l14", choices=["b32", "l14"])
     ap.add_argument("--layers", type=int, default=None, help="cut both towers (CPU smoke runs)")
@@ -112,11 +113,15 @@ def measure(args: argparse.Namespace, work: Path) -> None:
             clip = {**extra, "prepare_in": mode}
             short = timed_run(pipeline_cmd(work, f"{mode}-short", shards[:1], str(model), ["clip"], clip))
             long = timed_run(pipeline_cmd(work, f"{mode}-long", shards, str(model), ["clip"], clip))
+            shutil.rmtree(work / "out", ignore_errors=True)  # the outputs hold every image again
             rows = (len(shards) - 1) * args.per_shard
-            rate = rows / (long - short)
+            rate = rows / (long - short) if long > short else float("nan")
             rates[mode].append(rate)
             print(f"round {r + 1} prepare_in={mode:<5}: 1 shard {short:.1f}s, {len(shards)} shards {long:.1f}s, "
                   f"steady state {rate:.0f} rows/s", flush=True)
+            if long - short < 0.25 * long:
+                print("  (the long run is barely longer than the short one: its difference is mostly noise; "
+                      "raise --shards or --per-shard)", flush=True)
     mean = {m: sum(v) / len(v) for m, v in rates.items()}
     print(f"steady state, mean of {args.rounds}: actor {mean['actor']:.0f} rows/s, tasks {mean['tasks']:.0f} rows/s, "
           f"tasks/actor {mean['tasks'] / mean['actor']:.2f}")
