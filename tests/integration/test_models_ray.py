@@ -75,7 +75,9 @@ def test_models_from_prefetched_s3_copies_on_ray(ray_session, s3, tmp_path, hub_
             {"decode": {"resize_max_side": 96}},
             {"min_side": {"min": 32}},
             # One actor: a second one (the 2-CPU default) costs ~12 CPU-s of imports and proves nothing more.
-            {"clip": {"model": "tiny-org/tiny-clip", "storage_options": model_opts,
+            # prepare_in: tasks (a GPU actor's default): the clip_prepare task stage stages the
+            # processor's files from the prefetched copy itself, inside a Ray task.
+            {"clip": {"model": "tiny-org/tiny-clip", "storage_options": model_opts, "prepare_in": "tasks",
                       "resources": {"batch_size": 8, "max_actors": 1}}},
             {"caption": {"model": "tiny-org/tiny-vit-gpt2", "name": "vitgpt2", "max_new_tokens": 5,
                          "storage_options": model_opts, "resources": {"batch_size": 8, "num_cpus": 0.25}}},
@@ -94,6 +96,8 @@ def test_models_from_prefetched_s3_copies_on_ray(ray_session, s3, tmp_path, hub_
     assert offline["operators"][2]["clip"]["model"] == f"s3://{bucket}/models/tiny-org--tiny-clip"
     assert fs.exists(f"{bucket}/models/tiny-org--tiny-clip/{loading.MANIFEST}")
 
+    cache = loading.cache_root()
+    before = set(cache.iterdir()) if cache.is_dir() else set()
     summary = run(config_mod.validate(offline, source="offline.yaml"))
     assert summary.rows_in == N_SHARDS * (GOOD + BAD_PER_SHARD)
     assert summary.kept == N_SHARDS * GOOD
@@ -106,6 +110,12 @@ def test_models_from_prefetched_s3_copies_on_ray(ray_session, s3, tmp_path, hub_
     assert kept["clip_image_embedding"].null_count == 0 and kept["aesthetic_score"].null_count == 0
     assert kept["caption_vitgpt2"].null_count == 0 and kept["text"].null_count == 0
     assert kept["clip_score"].null_count == 0
+    assert "_clip_prepared" not in kept.column_names
+    # the stage staged the processor's files only, the actor the whole model (one node: one cache)
+    staged = {p.name: sorted(q.name for q in p.iterdir()) for p in set(cache.iterdir()) - before
+              if p.is_dir() and p.name.startswith("tiny-org--tiny-clip-")}
+    assert len(staged) == 2
+    assert sorted(any(n.endswith(".safetensors") for n in names) for names in staged.values()) == [False, True]
 
     # Stored embeddings match a bare forward of the same model on the same stored images.
     import torch
