@@ -68,6 +68,10 @@ class Operator:
     #: True for operators whose work is a model forward: on CPU they get most of a node's
     #: CPUs by default, the light stages (read, decode, filters, write) fractional shares
     heavy: ClassVar[bool] = False
+    #: True for a task whose every call keeps one core busy (a model's decode + resize stage):
+    #: where the node has room it reserves a whole CPU, so no more of them run than there are
+    #: cores (each is a process with torch imported), instead of a light stage's fraction
+    cpu_bound: ClassVar[bool] = False
 
     def __init__(self, config: OperatorConfig):
         self.config = config

@@ -87,6 +87,10 @@ def resolve_resources(steps: list[OperatorStep], node: NodeShape) -> list[Operat
     * a GPU model actor gets ``GPU_ACTOR_CPU_FRACTION`` of the CPUs that come with its GPU
       share (at least 1, at most what the CPU model operators could get), or one CPU when a
       prepare stage decodes its images (``GPU_ACTOR_CPUS_WITH_PREPARE_STAGE``);
+    * a CPU-bound task stage (``Operator.cpu_bound``: clip's decode + resize stage) one CPU
+      per task where the node's headroom holds one (4 CPUs and up), else a light share: on a
+      4-CPU GPU node, three decode processes rather than twelve at a quarter CPU, each holding
+      torch and transformers in memory; a whole CPU never exceeds what CPU model actors leave;
     * everything else (decode, filters, heads) a light share.
 
     The resolved value travels in the step's config too (``config.resources``): it is what
@@ -116,6 +120,8 @@ def resolve_resources(steps: list[OperatorStep], node: NodeShape) -> list[Operat
                 cpus = min(spare, max(1.0, GPU_ACTOR_CPU_FRACTION * per_gpu * res.num_gpus))
             elif s.cls.heavy:
                 cpus = max(LIGHT_SHARE_MIN, spare / actors)
+            elif s.cls.cpu_bound and headroom(node) >= 1:
+                cpus = 1.0  # one process per core, however many would fit at a light share
             else:
                 cpus = light_share(node)
             res = res.model_copy(update={"num_cpus": round(cpus, 3)})

@@ -292,6 +292,7 @@ class ClipPrepare(Operator):
 
     name = "clip_prepare"
     Config = ClipConfig
+    cpu_bound = True
 
     def __init__(self, config: ClipConfig):
         super().__init__(config)
@@ -302,7 +303,7 @@ class ClipPrepare(Operator):
 
     @classmethod
     def resources(cls, config: ClipConfig) -> Resources:
-        # a light task (num_cpus derived from the node: one CPU on a 16-core node) on the model's batches
+        # a task pool on the model's batches; num_cpus derived from the node (cpu_bound: one CPU)
         return Resources(batch_size=config.resources.batch_size)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -101,6 +101,21 @@ def test_a_gpu_clip_gets_a_cpu_prepare_stage_by_default_and_keeps_one_cpu_itself
     assert clip.config.resources.num_cpus == 1  # what the actor sizes its threads from
 
 
+@pytest.mark.parametrize("cpus, prep", [(4, 1.0), (8, 1.0), (16, 1.0), (2, 0.125)])
+def test_the_prepare_stage_takes_whole_cpus_where_the_node_has_room(tmp_path, cpus, prep):
+    # a small GPU node (4 vCPUs, one GPU): a quarter-CPU share would start 12 decode processes,
+    # each with torch imported, on 4 cores; a whole CPU each starts at most as many as cores
+    ops = [{"clip": {"model": "/m/clip", "resources": {"num_gpus": 1}}}]
+    steps = by_name(resolve_resources(steps_for(tmp_path, ops), NodeShape(cpus=cpus, cpus_per_gpu=cpus)))
+    assert steps["clip_prepare"].resources.num_cpus == prep
+    assert steps["clip"].resources.num_cpus == 1
+    # forced onto a CPU-only node, the stage never asks for more than the model actors leave
+    ops = [{"clip": {"model": "/m/clip", "prepare_in": "tasks"}}]
+    steps = by_name(resolve_resources(steps_for(tmp_path, ops), NodeShape(cpus=cpus)))
+    held = steps["clip"].resources.num_cpus * steps["clip"].resources.max_actors
+    assert held + steps["clip_prepare"].resources.num_cpus <= cpus
+
+
 @pytest.mark.parametrize("prepare_in, gpus, staged", [("auto", 0, False), ("tasks", 0, True), ("actor", 1, False),
                                                       ("auto", 0.5, True)])
 def test_prepare_in_decides_whether_clip_gets_a_prepare_stage(tmp_path, prepare_in, gpus, staged):
