@@ -313,12 +313,15 @@ class ClipPrepare(Operator):
         reasons: list[str | None] = [None] * batch.num_rows
         for i in np.flatnonzero(pending):
             try:
-                out[i] = pack_array(self.prepare_image(data[i]))
+                pixels = self.prepare_image(data[i])
             except Exception as exc:  # noqa: BLE001 - one row's bad bytes are that row's problem
                 reasons[i] = f"{self.config.prefix}:bad_image"
                 if not self._warned:  # once per process, as the actor does
                     self._warned = True
                     logger.warning("%s: could not decode an image: %r", self.name, exc)
+                continue
+            # an input the actor cannot take is the processor's fault, not the row's: raised
+            out[i] = pack_array(pixels)
         batch = batch.append_column(self.column, pa.array(out, type=pa.large_binary()))
         return with_rejects(batch, reasons) if any(reasons) else batch
 
