@@ -255,16 +255,14 @@ class ClipEmbedder(ModelOperator):
             by_pos = dict(zip(with_text, txt)) if with_text else {}
             return [(img[k], by_pos.get(k)) for k in range(len(chunk))]
 
+        ready = None
         if self.prepared_column in batch.column_names:
             # decoded and resized by the ClipPrepare task stage: only unpacking is left here, from
             # views of the Arrow buffers (to_pylist would copy every row into a bytes object)
             ready = [v.as_buffer() if v.is_valid else None for v in batch[self.prepared_column].combine_chunks()]
             batch = batch.drop_columns([self.prepared_column])
-            results, reasons = self.run_chunks(batch, rows, self.prepare, forward, size=self.image_size,
-                                               prepared_bytes=self.input_bytes, ready=ready, unpack=unpack_array)
-        else:
-            results, reasons = self.run_chunks(batch, rows, self.prepare, forward, size=self.image_size,
-                                               prepared_bytes=self.input_bytes)
+        results, reasons = self.run_chunks(batch, rows, self.prepare, forward, size=self.image_size,
+                                           prepared_bytes=self.input_bytes, ready=ready, unpack=unpack_array)
         n = batch.num_rows
         img_vecs = {i: r[0] for i, r in results.items()}
         txt_vecs = {i: r[1] for i, r in results.items() if r[1] is not None}

@@ -124,10 +124,6 @@ class ShardReader:
     def samples(self, shard: str, damage: ShardDamage) -> Iterator[Sample]:  # pragma: no cover
         raise NotImplementedError
 
-    def check_format(self, shard: str) -> None:
-        """:meth:`check_formats` of one shard."""
-        self.check_formats([shard])
-
     def check_formats(self, shards: list[str]) -> None:
         """Refuse shards that are plainly another format this tool reads (a tar under
         ``format: parquet``, a Parquet file under ``format: webdataset``).

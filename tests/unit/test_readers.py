@@ -387,20 +387,20 @@ def test_a_shard_of_the_other_format_is_a_config_error_naming_the_format_to_set(
     (tmp_path / "empty.tar").write_bytes(b"")
 
     with pytest.raises(ConfigError) as err:
-        reader("parquet", [str(tmp_path / "zoo.tar")]).check_format(str(tmp_path / "zoo.tar"))
+        reader("parquet", [str(tmp_path / "zoo.tar")]).check_formats([str(tmp_path / "zoo.tar")])
     assert str(err.value) == (f"{tmp_path}/zoo.tar is a tar archive (WebDataset), but input.format is 'parquet' "
                               "(set input.format: webdataset)")
     with pytest.raises(ConfigError, match=r"part\.parquet is a Parquet file, but input.format is 'webdataset' "
                                           r"\(set input.format: parquet\)"):
-        reader("webdataset", [str(tmp_path / "part.parquet")]).check_format(str(tmp_path / "part.parquet"))
+        reader("webdataset", [str(tmp_path / "part.parquet")]).check_formats([str(tmp_path / "part.parquet")])
     # Each format accepts its own shards, and what it does not recognise is left to reading,
     # where garbage and empty objects are damaged shards (data), not config errors.
     wds = reader("webdataset", [str(tmp_path / "zoo.tar")])
     for name in ("zoo.tar", "zoo.tar.gz", "page.tar", "empty.tar", "missing.tar"):
-        wds.check_format(str(tmp_path / name))
+        wds.check_formats([str(tmp_path / name)])
     pqr = reader("parquet", [str(tmp_path / "part.parquet")])
     for name in ("part.parquet", "zoo.tar.gz", "page.tar", "empty.tar"):
-        pqr.check_format(str(tmp_path / name))
+        pqr.check_formats([str(tmp_path / name)])
 
 
 def test_paths_that_mix_formats_are_refused_at_the_first_shard_of_the_odd_extension(tmp_path):
