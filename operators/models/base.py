@@ -230,6 +230,19 @@ class ModelOperator(Operator):
             raise RuntimeError(f"{self.name}: every row of a {len(rows)}-row batch failed: {errors[0]!r}") from errors[0]
         return results, reasons
 
+    def run_in_chunks(self, fn: Callable[[list[int]], Sequence[Any]], rows: list[int]
+                      ) -> tuple[dict[int, Any], dict[int, str]]:
+        """:meth:`run_split` over consecutive chunks of ``forward_batch_size`` rows of ``rows``
+        (operators without images: nothing to prepare ahead). Returns ({row: result}, {row: reason})."""
+        step = self.config.forward_batch_size
+        results: dict[int, Any] = {}
+        reasons: dict[int, str] = {}
+        for start in range(0, len(rows), step):
+            done, bad = self.run_split(fn, rows[start:start + step])
+            results.update(done)
+            reasons.update(bad)
+        return results, reasons
+
     def run_chunks(self, batch: pa.Table, rows: list[int], prepare: Callable[[bytes], Any],
                    forward: Callable[[list[int], dict[int, Any]], Sequence[Any]], size: Any = None,
                    prepared_bytes: int = 0, ready: list[Any] | None = None,
@@ -311,6 +324,19 @@ def resolve_dtype(dtype: str, device: str):
 
 def pending_rows(batch: pa.Table) -> list[int]:
     return [int(i) for i in np.flatnonzero(pending_mask(batch))]
+
+
+def longest_first(rows: Sequence[int], texts: Sequence[str | None]) -> list[int]:
+    """``rows`` ordered by the length of their text, longest first (ties keep their order).
+
+    Forward chunks are consecutive runs of the rows an operator is given, and a chunk of texts is
+    padded to its longest one; web alt-texts run from one word to a paragraph, so in input order
+    nearly every chunk pads to a long caption. In this order each chunk holds texts of similar
+    length. Results are keyed by row, so only which rows share a chunk changes. Characters stand
+    in for tokens (no second tokenisation); longest first, as sentence-transformers orders its
+    batches, puts the chunk that needs the most memory first, so an out-of-memory shows at once.
+    """
+    return sorted(rows, key=lambda i: -len(texts[i] or ""))
 
 
 def image_bytes(batch: pa.Table, column: str = "image") -> list[bytes | None]:

@@ -12,7 +12,7 @@ from pydantic import Field
 from operators.base import Operator, Resources, pending_mask, register, with_rejects
 from operators.models import loading
 from operators.models.base import (ModelConfig, ModelOperator, embedding_array, image_bytes, image_size_of,
-                                   pending_rows, pretrained_kwargs, processor_backend)
+                                   longest_first, pending_rows, pretrained_kwargs, processor_backend)
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,9 @@ class ClipEmbedder(ModelOperator):
     images are decoded (JPEGs at reduced scale, no larger than the processor needs) and resized
     either in the actor on ``prepare_threads`` threads ahead of the forward pass, within
     ``max_inflight_pixels_mb``, or, with ``prepare_in: tasks`` (the default when the actor has a
-    GPU), in the :class:`ClipPrepare` task stage the planner puts before it.
+    GPU), in the :class:`ClipPrepare` task stage the planner puts before it. Rows go to the
+    model in chunks of ``forward_batch_size``, longest caption first when captions are padded to
+    the chunk's longest (CLIP; SigLIP pads to full length and keeps the order).
     Failure behaviour: rejected rows get no work and null outputs; undecodable bytes
     ``<prefix>:bad_image``; a row that runs out of memory alone ``<prefix>:oom`` (batches are
     halved first); a row whose forward raises ``<prefix>:model_error``. A missing or unsafe
@@ -261,6 +263,8 @@ class ClipEmbedder(ModelOperator):
             # views of the Arrow buffers (to_pylist would copy every row into a bytes object)
             ready = [v.as_buffer() if v.is_valid else None for v in batch[self.prepared_column].combine_chunks()]
             batch = batch.drop_columns([self.prepared_column])
+        if self.padding is True:  # texts padded to the chunk's longest: chunks of similar lengths
+            rows = longest_first(rows, texts)
         results, reasons = self.run_chunks(batch, rows, self.prepare, forward, size=self.image_size,
                                            prepared_bytes=self.input_bytes, ready=ready, unpack=unpack_array)
         n = batch.num_rows

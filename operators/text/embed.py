@@ -13,7 +13,8 @@ from pydantic import Field
 
 from operators.base import register
 from operators.models import loading
-from operators.models.base import ModelConfig, ModelOperator, ModelResources, embedding_array, pending_rows
+from operators.models.base import (ModelConfig, ModelOperator, ModelResources, embedding_array, longest_first,
+                                   pending_rows)
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class SentenceEmbedder(ModelOperator):
     Input columns: ``text_column`` (``text``), ``reject_reason``.
     Output columns: ``<prefix>_text_embedding`` (``fixed_size_list<float16>[hidden size]``, 384
     for MiniLM-L6); null for rows without text and for rejected rows.
-    Resources: an actor pool (``resources``), the model loaded once per actor.
+    Resources: an actor pool (``resources``), the model loaded once per actor; a Ray batch runs
+    in chunks of ``forward_batch_size``, longest caption first (each chunk pads to similar lengths).
     Failure behaviour: a row that runs out of memory alone ``<prefix>:oom`` (batches are halved
     first); a row whose forward raises ``<prefix>:model_error``. A missing or unsafe model stops
     the run.
@@ -112,6 +114,6 @@ class SentenceEmbedder(ModelOperator):
         def forward(chunk: list[int]) -> Any:
             return list(self.embed([texts[i] for i in chunk]))
 
-        results, reasons = self.run_split(forward, rows)
+        results, reasons = self.run_in_chunks(forward, longest_first(rows, texts))
         (column,) = self.outputs(cfg)
         return self.finish(batch, {column: embedding_array(batch.num_rows, results, self.dim)}, reasons)

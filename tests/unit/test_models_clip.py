@@ -179,6 +179,44 @@ def test_rows_without_text_get_the_image_embedding_only(tiny):
     assert out["reject_reason"].null_count == 4
 
 
+def record_input_shapes(module, seen: list) -> "torch.utils.hooks.RemovableHandle":  # noqa: F821
+    """Append the ``input_ids`` shape of every forward call of ``module`` to ``seen`` (a torch hook)."""
+    def hook(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        seen.append(tuple(ids.shape))
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_captions_are_chunked_longest_first_and_each_lands_on_its_own_row(tiny):
+    """A chunk of captions is padded to its longest; rows are taken longest caption first, so a
+    chunk holds captions of similar length (in input order both chunks below pad to the long one)."""
+    short, long = "a cat", "a dog running on the beach by a boat"
+    texts = [short, long] * 4
+    op = ClipEmbedder(ClipConfig(model=tiny["clip"], forward_batch_size=4))
+    seen: list = []
+    handle = record_input_shapes(op.model.text_model, seen)
+    out = op(make_batch(8, texts=texts))
+    handle.remove()
+    n_short, n_long = (len(op.tokenizer(t)["input_ids"]) for t in (short, long))
+    assert n_short < n_long <= op.max_tokens
+    assert seen == [(4, n_long), (4, n_short)]
+    txt, valid = read_embeddings(out["clip_text_embedding"])
+    assert valid.all()
+    alone = {t: op.embed_texts([t])[0] for t in (short, long)}  # each caption unpadded
+    np.testing.assert_allclose(txt, np.stack([alone[t] for t in texts]), atol=2e-3)
+    img, _ = read_embeddings(out["clip_image_embedding"])
+    np.testing.assert_allclose(np.array(out["clip_score"].to_pylist()), (img * txt).sum(-1), atol=2e-3)
+
+
+def test_siglip_captions_keep_their_order_since_every_chunk_pads_to_the_full_length(tiny):
+    op = ClipEmbedder(ClipConfig(model=tiny["siglip"], forward_batch_size=4))
+    seen: list = []
+    handle = record_input_shapes(op.model.text_model, seen)
+    op(make_batch(8, texts=["a cat", "a dog running on the beach next to a red boat"] * 4))
+    handle.remove()
+    assert seen == [(4, op.max_tokens)] * 2
+
+
 def test_long_captions_are_truncated_not_rejected(tiny):
     out = ClipEmbedder(ClipConfig(model=tiny["clip"]))(make_batch(2, texts=["word " * 500, "short"]))
     assert out["clip_score"].null_count == 0

