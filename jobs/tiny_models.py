@@ -291,6 +291,40 @@ def build_llava(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+def build_idefics3(path: str | Path, seed: int = 0) -> Path:
+    """A tiny Idefics3 (the SmolVLM family): its processor resizes an image's longest edge to 128 px
+    and splits it into 32-px tiles plus a global view, so an image's prompt length depends on its
+    aspect ratio (1 x 4 to 4 x 4 tiles), unlike LLaVA's one fixed size."""
+    from transformers import GPT2Tokenizer, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+
+    path = Path(path)
+    _seed(seed)
+    specials = ["<|endoftext|>", "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+    vocab, merges = _train_bpe(400, specials=specials)
+    tok = GPT2Tokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": specials[1:]})
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    cfg = Idefics3Config(
+        vision_config=dict(hidden_size=HIDDEN, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=IMAGE_SIZE, patch_size=PATCH_SIZE),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=37,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
+    model = Idefics3ForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = eot
+    model.generation_config.eos_token_id = eot
+    model.save_pretrained(path)
+    proc = Idefics3Processor(
+        image_processor=image_processor_class("Idefics3ImageProcessor")(
+            size={"longest_edge": 4 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE}, do_image_splitting=True),
+        # (32 / 8)^2 patches per tile, merged 2 x 2 by scale_factor: 4 image tokens a tile
+        tokenizer=tok, image_seq_len=(IMAGE_SIZE // PATCH_SIZE) ** 2 // 4, chat_template=TINY_CHAT_TEMPLATE)
+    proc.save_pretrained(path)
+    _mark_random(path, "idefics3")
+    return path
+
+
 def build_head(path: str | Path, layers: list[int], seed: int = 0) -> Path:
     """A random MLP head as a safetensors state dict in the LAION aesthetic layout.
 
@@ -321,7 +355,7 @@ def _aesthetic_indices(n_linear: int) -> list[int]:
 
 
 BUILDERS = {"clip": build_clip, "siglip": build_siglip, "vit_gpt2": build_vit_gpt2, "blip": build_blip,
-            "llava": build_llava}
+            "llava": build_llava, "idefics3": build_idefics3}
 
 
 def build_demo_models(root: str | Path) -> dict[str, str]:

@@ -46,6 +46,17 @@ def probe(data: bytes) -> tuple[int, int, str | None]:
         return img.size[0], img.size[1], img.format
 
 
+# EXIF orientations that turn the stored image a quarter turn (width and height swap)
+QUARTER_TURNS = {5, 6, 7, 8}
+
+
+def probe_upright(data: bytes) -> tuple[int, int]:
+    """(width, height) as viewers show the image (EXIF orientation applied), from the header alone."""
+    with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        return (h, w) if img.getexif().get(0x0112) in QUARTER_TURNS else (w, h)
+
+
 def needed_scale(size: Any, width: int, height: int) -> float | None:
     """Scale at which a ``width x height`` image still covers what an HF image processor resizes to.
 

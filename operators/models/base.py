@@ -339,6 +339,28 @@ def longest_first(rows: Sequence[int], texts: Sequence[str | None]) -> list[int]
     return sorted(rows, key=lambda i: -len(texts[i] or ""))
 
 
+def alike_shapes_together(rows: Sequence[int], data: Sequence[bytes | None]) -> list[int]:
+    """``rows`` ordered so that images of alike shape are neighbours: by aspect ratio (classes a
+    quarter octave wide), then area, largest first; from the image headers alone.
+
+    For VLM processors whose prompt length follows the image's shape (tiles by aspect ratio,
+    tokens by area), so a forward chunk of consecutive rows pads its prompts little. Results are
+    keyed by row; bytes without a readable header go last, where they fail as before.
+    """
+    import math
+
+    from operators.image.pixels import probe_upright
+
+    def key(i: int) -> tuple[int, int, int]:
+        try:
+            w, h = probe_upright(data[i])
+        except Exception:  # noqa: BLE001 - undecodable: prepared (and rejected) as any other row
+            return (1, 0, 0)
+        return (0, round(4 * math.log2(w / h)), -w * h)
+
+    return sorted(rows, key=key)
+
+
 def image_bytes(batch: pa.Table, column: str = "image") -> list[bytes | None]:
     """The encoded image of every row (``image.bytes`` of the HF Image struct, or a binary column)."""
     col = batch[column].combine_chunks()

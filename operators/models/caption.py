@@ -10,7 +10,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from operators.base import register
-from operators.models.base import ModelConfig, ModelOperator, image_size_of, pending_rows, processor_backend
+from operators.models.base import (ModelConfig, ModelOperator, alike_shapes_together, image_bytes, image_size_of,
+                                   pending_rows, processor_backend)
 from ground.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ class Captioner(ModelOperator):
             model_type = AutoConfig.from_pretrained(self.source, **self.pretrained_kwargs()).model_type
             kind = KIND_BY_MODEL_TYPE.get(model_type, "image_text_to_text")
         self.kind = kind
+        # whether the processor gives images of other shapes prompts of other lengths (below)
+        self.shape_buckets = False
         getattr(self, f"_load_{kind}")()
         self.generation = self._generation_kwargs()
 
@@ -143,6 +146,27 @@ class Captioner(ModelOperator):
             self.vlm_prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         else:
             raise ConfigError(f"{cfg.model}: the processor has no chat template; set prompt_template")
+        self.shape_buckets = self._prompt_length_varies()
+
+    def _prompt_length_varies(self) -> bool:
+        """Whether this processor turns images of other shapes into prompts of other lengths.
+
+        VLMs that tile by aspect ratio (Idefics3 / SmolVLM) or spend tokens by area (Qwen2-VL)
+        do; LLaVA-style processors resize every image to one size and do not. Asked of the
+        processor itself, on three blank images (wide, tall, large square), rather than kept as a
+        list of model types.
+        """
+        from PIL import Image
+
+        try:
+            lengths = {self.processor(images=[Image.new("RGB", wh)], text=[self.vlm_prompt],
+                                      return_tensors="np")["input_ids"].shape[1]
+                       for wh in ((64, 32), (32, 64), (512, 512))}
+        except Exception as exc:  # noqa: BLE001 - only an optimisation: real rows meet the processor anyway
+            logger.warning("%s: could not probe the processor with blank images (%r); rows keep their order",
+                           self.name, exc)
+            return False
+        return len(lengths) > 1
 
     def _generation_kwargs(self) -> dict[str, Any]:
         cfg: CaptionConfig = self.config
@@ -208,6 +232,8 @@ class Captioner(ModelOperator):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = pending_rows(batch)
+        if self.shape_buckets:  # a chunk's prompts are padded to its longest: chunks of alike images
+            rows = alike_shapes_together(rows, image_bytes(batch))
         keys = batch["key"].to_pylist() if "key" in batch.column_names else [str(i) for i in range(batch.num_rows)]
         results, reasons = self.run_chunks(
             batch, rows, self.prepare,

@@ -232,3 +232,14 @@ def test_reencoded_images_get_a_path_extension_that_matches_their_bytes():
     assert rows["w"]["image"]["path"] == "photo.jpg"  # untouched bytes keep their name
     webp = decode(table([{"key": "w", "bytes": jpeg(), "path": "photo.jpg"}]), reencode_format="webp")
     assert webp["w"]["image"]["path"] == "photo.webp" and stored(webp["w"]).format == "WEBP"
+
+
+def test_probe_upright_reads_the_shape_viewers_see_from_the_header():
+    from operators.image.pixels import probe_upright
+
+    raw = draw_image(random.Random(1), (56, 40))[0]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 56 x 40, shown turned a quarter clockwise
+    assert probe_upright(encode(raw, "JPEG", exif=exif.tobytes())) == (40, 56)
+    assert probe_upright(encode(raw, "JPEG")) == (56, 40)
+    assert probe_upright(encode(raw, "PNG")) == (56, 40)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 
+import pyarrow as pa
 import pytest
 
+from jobs.sample_data import draw_image, encode
+from ground.schema import IMAGE_TYPE
 from operators.models.caption import CaptionConfig, Captioner
 from ground.errors import ConfigError
 from tests.unit.test_models_clip import make_batch
@@ -17,7 +21,7 @@ def tiny(tiny_models):
 
 
 @pytest.mark.parametrize("kind,expected", [("vit_gpt2", "vision_encoder_decoder"), ("blip", "blip"),
-                                           ("llava", "image_text_to_text")])
+                                           ("llava", "image_text_to_text"), ("idefics3", "image_text_to_text")])
 def test_each_kind_captions_pending_rows_and_leaves_text_alone(tiny, kind, expected):
     batch = make_batch(4, reasons=[None, "decode:corrupt", None, None], junk=(1, 3))
     op = Captioner(CaptionConfig(model=tiny[kind], name=kind, max_new_tokens=5))
@@ -89,6 +93,47 @@ def test_generation_options_reach_generate_and_sampling_is_seeded(tiny):
     assert captions(do_sample=True, seed=3, top_k=1) == greedy != sampled  # top_k did (1 = greedy)
     beams = Captioner(CaptionConfig(model=tiny["vit_gpt2"], name="b", num_beams=2, max_new_tokens=3))
     assert beams(batch)["caption_b"].null_count == 0
+
+
+def shaped_batch(sizes: list[tuple[int, int]]) -> tuple[pa.Table, list[bytes]]:
+    rng = random.Random(5)
+    datas = [encode(draw_image(rng, wh)[0]) for wh in sizes]
+    return pa.table({
+        "key": [f"k{i}" for i in range(len(sizes))],
+        "image": pa.array([{"bytes": d, "path": f"{i}.jpg"} for i, d in enumerate(datas)], type=IMAGE_TYPE),
+        "text": ["x"] * len(sizes),
+        "reject_reason": pa.array([None] * len(sizes), type=pa.string()),
+    }), datas
+
+
+def test_vlm_rows_of_alike_image_shape_share_a_chunk_when_the_processor_tiles_by_shape(tiny):
+    """Idefics3 splits an image into tiles by its aspect ratio (a 4:1 image 1 x 4 tiles, a square
+    one 4 x 4), so a chunk's prompts are padded to its most tiled image; rows are taken alike
+    shapes together (in input order both chunks below pad to the square images' length)."""
+    sizes = [(120, 30), (60, 60)] * 4
+    batch, datas = shaped_batch(sizes)
+    op = Captioner(CaptionConfig(model=tiny["idefics3"], name="vlm", max_new_tokens=3, forward_batch_size=4))
+    assert op.shape_buckets
+    seen: list = []
+
+    def hook(_module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] > 1:  # the prompt's forward; each new token's has length 1
+            seen.append(tuple(ids.shape))
+
+    handle = op.model.register_forward_pre_hook(hook, with_kwargs=True)
+    out = op(batch)
+    handle.remove()
+    length = {wh: op.processor(images=[op.prepare(d)], text=[op.vlm_prompt], return_tensors="np")["input_ids"].shape[1]
+              for wh, d in zip(sizes[:2], datas[:2])}
+    assert length[(60, 60)] > length[(120, 30)]
+    assert seen == [(4, length[(60, 60)]), (4, length[(120, 30)])]
+    # each row's caption is the one its image gets alone (greedy decoding)
+    assert out["caption_vlm"].to_pylist() == [op.generate([op.prepare(d)])[0] for d in datas]
+
+
+def test_vlms_with_one_input_size_keep_the_row_order(tiny):
+    assert not Captioner(CaptionConfig(model=tiny["llava"], name="l")).shape_buckets
 
 
 def test_kind_must_be_known():

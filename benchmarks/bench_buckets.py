@@ -1,11 +1,11 @@
-"""Does ordering rows by caption length before the forward chunks pay? (issue 8 item 2: "bucket by
-size where the processor allows"), on CPU.
+"""Does ordering a batch's rows before the forward chunks pay? (issue 8 item 2: "bucket by size
+where the processor allows"), on CPU.
 
-A script, not a test. Image processors of the models we run (CLIP, SigLIP, ViT-GPT2, BLIP, LLaVA)
-resize every image to one size, so images have nothing to bucket; texts do: a chunk of captions
-is padded to its longest one, and web alt-text lengths span one word to a paragraph. Both
-``text_embed`` and ``clip`` (for models padded to the longest caption) order a batch's rows
-longest caption first, so each forward chunk holds captions of similar length.
+A script, not a test. A forward chunk is padded to its longest input. Captions vary (web alt-text
+runs from one word to a paragraph): ``text_embed`` and ``clip`` (for text towers padded to the
+longest caption) take rows longest caption first. Images vary only for VLM processors that tile
+or spend tokens by an image's shape (Idefics3/SmolVLM, Qwen2-VL); CLIP, SigLIP, ViT-GPT2, BLIP and
+LLaVA resize every image to one size. ``caption`` takes such VLMs' rows alike shapes together.
 
 What it runs, in this process, on the same captions (word counts long-tailed like web alt-text:
 median ~10 words, a few percent over 40), rounds interleaved:
@@ -15,10 +15,14 @@ median ~10 words, a few percent over 40), rounds interleaved:
 * bare loops on the same model: the whole batch in one forward (what ``text_embed`` did before
   this change), and chunks of ``forward_batch_size`` in input order, and the same longest first;
 * the text tower of a CLIP at ViT-B/32 geometry (random weights, 12 layers, 512 wide, 77 tokens)
-  through ``ClipEmbedder.embed_texts``, chunks in input order against longest first.
+  through ``ClipEmbedder.embed_texts``, chunks in input order against longest first;
+* the prompt tokens a ``caption`` Ray batch of web-shaped images pads to, with the tiny Idefics3's
+  processor (it tiles as SmolVLM's does: up to 4 x 4 tiles by aspect ratio, 4 tokens a tile where
+  SmolVLM spends 64), in input order against alike shapes together. Counted, not timed: the tiny
+  model's time says nothing about a real VLM's.
 
-    python benchmarks/bench_text_buckets.py
-    python benchmarks/bench_text_buckets.py --batches 2 --rounds 1      # smoke run
+    python benchmarks/bench_buckets.py
+    python benchmarks/bench_buckets.py --batches 2 --rounds 1      # smoke run
 """
 
 from __future__ import annotations
@@ -149,6 +153,53 @@ def main() -> None:
     print(f"clip text tower (B/32 geometry, {len(ctexts)} captions, chunks of {cchunk}, max {clip.max_tokens} tokens, "
           f"padding to {'longest' if clip.padding is True else clip.padding}): input order {rates['input order']:.1f} rows/s, "
           f"longest first {rates['longest first']:.1f} rows/s; ratio {rates['longest first'] / rates['input order']:.2f}x")
+
+    vlm_padding(work)
+
+
+# Web image shapes (width, height) and how often each comes (landscape photos most, then squares,
+# portraits, banners); sizes do not matter to this processor, shapes do.
+WEB_SHAPES = {(640, 480): 30, (600, 400): 20, (800, 450): 15, (500, 500): 15, (480, 640): 10, (400, 600): 6,
+              (1000, 250): 4}
+
+
+def vlm_padding(work: Path, rows: int = 256) -> None:
+    import random
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from ground.schema import IMAGE_TYPE
+    from jobs.sample_data import encode
+    from jobs.tiny_models import build_idefics3
+    from operators.base import registry
+    from operators.models.base import alike_shapes_together, pending_rows
+
+    model = work / "idefics3"
+    if not (model / "config.json").exists():
+        build_idefics3(model)
+    cls = registry.get("caption")
+    op = cls(cls.Config.model_validate({"model": str(model), "name": "vlm"}))
+    rng = random.Random(0)
+    shapes = rng.choices(list(WEB_SHAPES), weights=list(WEB_SHAPES.values()), k=rows)
+    datas = [encode(Image.new("RGB", wh, (rng.randrange(256), 90, 160))) for wh in shapes]
+    batch = pa.table({"image": pa.array([{"bytes": d, "path": None} for d in datas], type=IMAGE_TYPE),
+                      "reject_reason": pa.array([None] * rows, type=pa.string())})
+    length = {wh: op.processor(images=[op.prepare(d)], text=[op.vlm_prompt], return_tensors="np")["input_ids"].shape[1]
+              for wh, d in zip(shapes, datas)}
+    chunk = op.config.forward_batch_size
+
+    def padded(order: list[int]) -> int:
+        return sum(len(order[s:s + chunk]) * max(length[shapes[i]] for i in order[s:s + chunk])
+                   for s in range(0, len(order), chunk))
+
+    rows_in = pending_rows(batch)
+    real = sum(length[wh] for wh in shapes)
+    before, after = padded(rows_in), padded(alike_shapes_together(rows_in, datas))
+    print(f"caption, tiny Idefics3 processor, {rows} web-shaped images, chunks of {chunk} (shape_buckets="
+          f"{op.shape_buckets}): prompt lengths {min(length.values())}..{max(length.values())} tokens; "
+          f"{real} real prompt tokens; padded to {before} in input order ({before / real:.2f}x), "
+          f"{after} alike shapes together ({after / real:.2f}x)")
 
 
 if __name__ == "__main__":
