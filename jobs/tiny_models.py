@@ -259,6 +259,20 @@ TINY_CHAT_TEMPLATE = (
     "\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 
+def _llama_text(vocab_size: int, eot: int, layers: int, positions: int) -> dict[str, Any]:
+    """A tiny Llama decoder config for the VLMs, its end of text also its start and padding."""
+    return dict(model_type="llama", vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=37,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=positions, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+
+
+def _save_generator(model, eot: int, path: Path) -> None:
+    """Save ``model`` with ``eot`` as the pad and end token of its generation config."""
+    model.generation_config.pad_token_id = eot
+    model.generation_config.eos_token_id = eot
+    model.save_pretrained(path)
+
+
 def build_llava(path: str | Path, seed: int = 0) -> Path:
     """A tiny LLaVA (CLIP vision tower + Llama decoder) loadable by ``AutoModelForImageTextToText``."""
     from transformers import (GPT2Tokenizer, LlavaConfig, LlavaForConditionalGeneration,
@@ -273,14 +287,9 @@ def build_llava(path: str | Path, seed: int = 0) -> Path:
     image_id = tok.convert_tokens_to_ids("<image>")
     cfg = LlavaConfig(
         vision_config=dict(model_type="clip_vision_model", **_vision_kw()),
-        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=37,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot),
+        text_config=_llama_text(len(tok), eot, layers=2, positions=128),
         image_token_index=image_id, vision_feature_select_strategy="default", vision_feature_layer=-1)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = eot
-    model.generation_config.eos_token_id = eot
-    model.save_pretrained(path)
+    _save_generator(LlavaForConditionalGeneration(cfg).eval(), eot, path)
     proc = LlavaProcessor(
         image_processor=image_processor_class("CLIPImageProcessor")(
             size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
@@ -307,14 +316,9 @@ def build_idefics3(path: str | Path, seed: int = 0) -> Path:
     cfg = Idefics3Config(
         vision_config=dict(hidden_size=HIDDEN, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
                            image_size=IMAGE_SIZE, patch_size=PATCH_SIZE),
-        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=37,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot),
+        text_config=_llama_text(len(tok), eot, layers=1, positions=1024),
         image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
-    model = Idefics3ForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = eot
-    model.generation_config.eos_token_id = eot
-    model.save_pretrained(path)
+    _save_generator(Idefics3ForConditionalGeneration(cfg).eval(), eot, path)
     proc = Idefics3Processor(
         image_processor=image_processor_class("Idefics3ImageProcessor")(
             size={"longest_edge": 4 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE}, do_image_splitting=True),
