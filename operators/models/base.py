@@ -10,6 +10,7 @@ output columns (``clip``, ``clip_l14``, ``caption_blip``), so two instances stay
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -347,8 +348,6 @@ def alike_shapes_together(rows: Sequence[int], data: Sequence[bytes | None]) -> 
     tokens by area), so a forward chunk of consecutive rows pads its prompts little. Results are
     keyed by row; bytes without a readable header go last, where they fail as before.
     """
-    import math
-
     from operators.image.pixels import probe_upright
 
     def key(i: int) -> tuple[int, int, int]:
