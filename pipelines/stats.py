@@ -65,6 +65,9 @@ SAMPLE_SHARDS = 16
 
 _TIMER_KEYS = ("seconds", "cpu_seconds", "model_seconds", "init_seconds", "actor_seconds")
 _COUNT_KEYS = ("batches", "rows_seen", "rows_in", "rows_out", "rejected")
+# Model operators with text: real tokens given to their forwards, and positions computed (padding
+# included); reported only by operators that count them.
+_TOKEN_KEYS = ("input_tokens", "padded_tokens")
 
 
 def collector_name() -> str:
@@ -114,7 +117,7 @@ class StageCounters:
         self.shards: list[str] = []
 
     def observe(self, batch_in: pa.Table, batch_out: pa.Table, seconds: float, cpu_seconds: float,
-                model_seconds: float = 0.0) -> None:
+                model_seconds: float = 0.0, tokens: tuple[int, int] = (0, 0)) -> None:
         """Count one call: rows in and out, reasons newly set, and its wall/CPU/model seconds."""
         self.seq += 1
         self.last_at = time.time()
@@ -123,6 +126,8 @@ class StageCounters:
         self.timers["seconds"] += seconds
         self.timers["cpu_seconds"] += cpu_seconds
         self.timers["model_seconds"] += model_seconds
+        self.counts["input_tokens"] += tokens[0]
+        self.counts["padded_tokens"] += tokens[1]
         self.timers["actor_seconds"] = self.last_at - self.started_at
         if not self.counts_rows:
             if "shard" in batch_out.column_names:
@@ -142,7 +147,7 @@ class StageCounters:
     def snapshot(self) -> dict[str, Any]:
         """Everything counted so far in this worker (cumulative, JSON-able)."""
         return {"stage": self.stage, "worker": self.worker, "seq": self.seq,
-                **{k: self.counts[k] for k in _COUNT_KEYS}, **self.timers,
+                **{k: self.counts[k] for k in _COUNT_KEYS + _TOKEN_KEYS}, **self.timers,
                 "rejected_by_reason": dict(self.reasons), "sample_shards": list(self.shards)}
 
 
@@ -179,11 +184,13 @@ class InstrumentedStage:
         if self.init_error is not None:
             raise self.init_error
         model_before = getattr(self.op, "model_seconds", 0.0)
+        tokens_before = [getattr(self.op, k, 0) for k in _TOKEN_KEYS]
         wall, cpu = time.perf_counter(), time.process_time()
         out = self.op(batch)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         model = getattr(self.op, "model_seconds", 0.0) - model_before
-        self.counters.observe(batch, out, wall, cpu, model)
+        real, padded = (getattr(self.op, k, 0) - b for k, b in zip(_TOKEN_KEYS, tokens_before))
+        self.counters.observe(batch, out, wall, cpu, model, (real, padded))
         self._push()
         return out
 
@@ -296,10 +303,11 @@ def merge_snapshots(snaps: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Sum worker snapshots per stage (no derived figures)."""
     merged: dict[str, dict[str, Any]] = {}
     for snap in snaps:
-        m = merged.setdefault(snap["stage"], {**{k: 0 for k in _COUNT_KEYS}, **dict.fromkeys(_TIMER_KEYS, 0.0),
+        m = merged.setdefault(snap["stage"], {**{k: 0 for k in _COUNT_KEYS + _TOKEN_KEYS},
+                                               **dict.fromkeys(_TIMER_KEYS, 0.0),
                                                "workers": 0, "rejected_by_reason": Counter(), "sample_shards": []})
         m["workers"] += 1
-        for k in _COUNT_KEYS + _TIMER_KEYS:
+        for k in _COUNT_KEYS + _TOKEN_KEYS + _TIMER_KEYS:
             m[k] += snap.get(k, 0)
         m["rejected_by_reason"].update(snap.get("rejected_by_reason") or {})
         m["sample_shards"] = bottom_k_shards(m["sample_shards"] + list(snap.get("sample_shards") or []))
@@ -335,6 +343,10 @@ def stage_figures(m: dict[str, Any], resources: Resources | None, uses_actors: b
         "gpu_seconds_per_1k_rows": _per_1k(gpu_seconds, rows),
         "model_seconds_per_1k_rows": _per_1k(m["model_seconds"], rows),
     })
+    if m.get("input_tokens"):
+        # positions computed per real token: 1.0 when no forward padded anything
+        out.update({k: m[k] for k in _TOKEN_KEYS})
+        out["token_padding"] = round(m["padded_tokens"] / m["input_tokens"], 3)
     return out
 
 

@@ -140,6 +140,10 @@ class ModelOperator(Operator):
         self.source = loading.resolve_local(config.model, config.storage_options)
         loading.check_weights_allowed(self.source, config.allow_pickle)
         self.model_seconds = 0.0
+        # text positions the forwards were given: real tokens, and all of them (padding included);
+        # stats.json shows their ratio as token_padding
+        self.input_tokens = 0
+        self.padded_tokens = 0
         self._warned: set[str] = set()
 
     @classmethod
@@ -230,6 +234,15 @@ class ModelOperator(Operator):
         if len(rows) > 1 and len(errors) == len(rows):
             raise RuntimeError(f"{self.name}: every row of a {len(rows)}-row batch failed: {errors[0]!r}") from errors[0]
         return results, reasons
+
+    def count_tokens(self, enc: Any, pad_id: int | None = None) -> None:
+        """Count one forward's text positions from its tokenizer/processor output ``enc``: real
+        tokens (the attention mask, else ids other than ``pad_id``: where padding is also the end
+        token, as in SigLIP's tokenizer, the end token counts as padding) and all positions computed."""
+        ids = enc["input_ids"]
+        mask = enc["attention_mask"] if "attention_mask" in enc else (ids != pad_id if pad_id is not None else None)
+        self.padded_tokens += int(ids.shape[0] * ids.shape[1])
+        self.input_tokens += int(mask.sum()) if mask is not None else int(ids.shape[0] * ids.shape[1])
 
     def run_in_chunks(self, fn: Callable[[list[int]], Sequence[Any]], rows: list[int]
                       ) -> tuple[dict[int, Any], dict[int, str]]:

@@ -214,6 +214,8 @@ class Captioner(ModelOperator):
             inputs = self.processor(images=images, text=text, return_tensors="pt")
         else:
             inputs = self.processor(images=images, text=[self.vlm_prompt] * n, padding=True, return_tensors="pt")
+        if "input_ids" in inputs:  # a text prompt (BLIP's, a VLM's): count its padding
+            self.count_tokens(inputs)
         inputs = self._to_device(inputs)
         with torch.inference_mode():
             ids = self.model.generate(**inputs, **self.generation)

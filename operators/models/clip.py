@@ -239,6 +239,7 @@ class ClipEmbedder(ModelOperator):
         torch = self.torch
         enc = self.tokenizer(texts, padding=self.padding, truncation=True, max_length=self.max_tokens,
                              return_tensors="pt")
+        self.count_tokens(enc, self.tokenizer.pad_token_id)
         enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         with torch.inference_mode():
             feats = _features(self.model.get_text_features(**enc))

@@ -97,6 +97,7 @@ class SentenceEmbedder(ModelOperator):
         """L2-normalised float32 sentence embeddings [n, D]."""
         torch = self.torch
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        self.count_tokens(enc)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         with torch.inference_mode():
             hidden = self.model(**enc).last_hidden_state.float()

@@ -98,6 +98,8 @@ def test_two_runs_leave_counters_matching_the_ledger_and_a_report_chromium_reads
     assert counted == {"decode:truncated": 1, "decode:not_an_image": 1, "min_side:too_small": 1}
     assert ops["clip"]["model_seconds"] > 0 and ops["clip"]["workers"] == 1
     assert ops["clip"]["model_seconds_per_1k_rows"] > 0
+    assert ops["clip"]["input_tokens"] > 0 and ops["clip"]["token_padding"] >= 1.0
+    assert "token_padding" not in ops["decode"]
     assert all(o["cpu_seconds_per_1k_rows"] is not None and o["gpu_seconds"] == 0 for o in ops.values())
     assert stats["scores"]["clip_score"]["count"] == stats["kept"]
     assert stats["sample_shards"] == [r["tag"] for r in mine]

@@ -128,6 +128,7 @@ def test_vlm_rows_of_alike_image_shape_share_a_chunk_when_the_processor_tiles_by
               for wh, d in zip(sizes[:2], datas[:2])}
     assert length[(60, 60)] > length[(120, 30)]
     assert seen == [(4, length[(60, 60)]), (4, length[(120, 30)])]
+    assert op.input_tokens == op.padded_tokens == 4 * (length[(60, 60)] + length[(120, 30)])  # stats.json's counters
     # each row's caption is the one its image gets alone (greedy decoding)
     assert out["caption_vlm"].to_pylist() == [op.generate([op.prepare(d)])[0] for d in datas]
 

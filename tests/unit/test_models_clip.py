@@ -200,6 +200,7 @@ def test_captions_are_chunked_longest_first_and_each_lands_on_its_own_row(tiny):
     n_short, n_long = (len(op.tokenizer(t)["input_ids"]) for t in (short, long))
     assert n_short < n_long <= op.max_tokens
     assert seen == [(4, n_long), (4, n_short)]
+    assert op.input_tokens == op.padded_tokens == 4 * (n_short + n_long)  # what stats.json reports
     txt, valid = read_embeddings(out["clip_text_embedding"])
     assert valid.all()
     alone = {t: op.embed_texts([t])[0] for t in (short, long)}  # each caption unpadded
@@ -212,9 +213,13 @@ def test_siglip_captions_keep_their_order_since_every_chunk_pads_to_the_full_len
     op = ClipEmbedder(ClipConfig(model=tiny["siglip"], forward_batch_size=4))
     seen: list = []
     handle = record_input_shapes(op.model.text_model, seen)
-    op(make_batch(8, texts=["a cat", "a dog running on the beach next to a red boat"] * 4))
+    texts = ["a cat", "a dog running on the beach next to a red boat"]
+    op(make_batch(8, texts=texts * 4))
     handle.remove()
     assert seen == [(4, op.max_tokens)] * 2
+    assert op.padded_tokens == 8 * op.max_tokens
+    assert op.input_tokens == 4 * sum(len(op.tokenizer(t, truncation=True, max_length=op.max_tokens)["input_ids"])
+                                      for t in texts)
 
 
 def test_long_captions_are_truncated_not_rejected(tiny):

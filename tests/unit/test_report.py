@@ -178,6 +178,31 @@ def test_stage_figures_per_1k_rows_and_gpu_seconds_reserved_by_actors():
     assert cpu_only["gpu_seconds"] == 0 and cpu_only["gpu_seconds_per_1k_rows"] == 0
 
 
+def test_token_padding_is_summed_over_workers_and_shown_only_for_operators_that_count_tokens():
+    base = {"stage": "clip", "seq": 1, "batches": 1, "rows_seen": 10, "rows_in": 10, "rows_out": 10, "rejected": 0,
+            "seconds": 1.0, "cpu_seconds": 1.0, "model_seconds": 0.5, "init_seconds": 0.1, "actor_seconds": 2.0,
+            "rejected_by_reason": {}, "sample_shards": []}
+    m = merge_snapshots([{**base, "worker": "w1", "input_tokens": 300, "padded_tokens": 330},
+                         {**base, "worker": "w2", "input_tokens": 100, "padded_tokens": 150}])["clip"]
+    fig = stage_figures(m, Resources(num_cpus=1), uses_actors=True)
+    assert (fig["input_tokens"], fig["padded_tokens"], fig["token_padding"]) == (400, 480, 1.2)
+    plain = stage_figures(merge_snapshots([{**base, "worker": "w1"}])["clip"], Resources(num_cpus=1), uses_actors=False)
+    assert not {"input_tokens", "padded_tokens", "token_padding"} & set(plain)
+
+
+def test_an_instrumented_model_operator_reports_the_tokens_its_forwards_were_given(tiny_models):
+    from operators.models.clip import ClipConfig, ClipEmbedder
+    from tests.unit.test_models_clip import make_batch
+
+    stage = InstrumentedStage(lambda: ClipEmbedder(ClipConfig(model=tiny_models["clip"], forward_batch_size=2)), "clip")
+    texts = ["a cat", "a dog running on the beach", "a red chair", "two people riding bicycles in the street"]
+    stage(make_batch(4, texts=texts))
+    snap = stage.counters.snapshot()
+    lengths = sorted((len(stage.op.tokenizer(t)["input_ids"]) for t in texts), reverse=True)
+    assert snap["input_tokens"] == sum(lengths)
+    assert snap["padded_tokens"] == 2 * lengths[0] + 2 * lengths[2]  # chunks of two, longest first
+
+
 def test_duplicate_operator_names_get_distinct_stats_keys():
     steps = [make_step("min_side", {"min": 32}), make_step("min_side", {"min": 64})]
     assert stats_mod.stage_names(steps) == ["min_side", "min_side_2"]

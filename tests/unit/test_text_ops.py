@@ -230,6 +230,7 @@ def test_captions_are_embedded_in_chunks_of_similar_length_and_each_lands_on_its
         seen.append(tuple(kwargs.get("input_ids", args[0] if args else None).shape))
 
     handle = minilm.model.register_forward_pre_hook(hook, with_kwargs=True)
+    real, padded = minilm.input_tokens, minilm.padded_tokens
     try:
         mat, valid, _ = embed(minilm, texts)
     finally:
@@ -237,6 +238,8 @@ def test_captions_are_embedded_in_chunks_of_similar_length_and_each_lands_on_its
     n_short, n_long = (len(minilm.tokenizer(t)["input_ids"]) for t in (short, long))
     assert n_short < n_long
     assert seen == [(32, n_long), (32, n_short)]
+    # the counters stats.json reports: no position computed beyond the real tokens
+    assert minilm.input_tokens - real == minilm.padded_tokens - padded == 32 * (n_short + n_long)
     assert valid.all()
     alone = {t: minilm.embed([t])[0] for t in (short, long)}  # each caption unpadded
     np.testing.assert_allclose(mat, np.stack([alone[t] for t in texts]), atol=2e-3)
