@@ -590,13 +590,15 @@ def render(data: ReportData) -> str:
     if ops:
         parts.append('<p class="sub">rows/s: rows through the stage per second of work of one worker. '
                      'Per 1,000 rows: every row that passed through the stage. GPU-seconds: num_gpus x '
-                     'each actor\'s life from load to its last batch (tasks: x seconds in the call).</p>')
+                     'each actor\'s life from load to its last batch (tasks: x seconds in the call). Token '
+                     'padding: text positions computed per real token (1.000: no padding).</p>')
         parts.append(_table(
             ["stage", "workers", "rows", "s in call", "rows/s", "CPU-s / 1k rows", "GPU-s / 1k rows",
-             "model s / 1k rows", "load s"],
+             "model s / 1k rows", "load s", "token padding"],
             [[_e(n), _n(o.get("workers")), _n(o.get("rows_seen")), _n(o.get("seconds"), 2), _n(o.get("rows_per_s"), 1),
               _n(o.get("cpu_seconds_per_1k_rows")), _n(o.get("gpu_seconds_per_1k_rows")),
-              _n(o.get("model_seconds_per_1k_rows")), _n(o.get("init_seconds"), 2)] for n, o in ops]))
+              _n(o.get("model_seconds_per_1k_rows")), _n(o.get("init_seconds"), 2), _n(o.get("token_padding"))]
+             for n, o in ops]))
     else:
         parts.append("<p>No per-stage timers for this run.</p>")
     parts.append("</section>")

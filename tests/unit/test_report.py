@@ -368,6 +368,17 @@ def test_report_tolerates_failed_and_quarantined_as_lists_or_mappings(tmp_path):
     assert re.search(r'id="quarantined_shards">[^<]*<span class="bad">1<', text)
 
 
+def test_the_throughput_table_shows_token_padding_for_operators_that_count_tokens(tmp_path):
+    stats = write_committed_output(tmp_path, "20260101T000000Z-aaa")
+    kept = stats["operators"]["min_side"]["rows_out"]
+    stats["operators"]["clip"] = {"position": 2, "workers": 1, "rows_seen": stats["rows_in"], "rows_in": kept,
+                                  "rows_out": kept, "rejected": 0, "rejected_by_reason": {}, "token_padding": 1.091}
+    text = report_mod.render(report_mod.ReportData(run_id=stats["run_id"], stats=stats))
+    table = re.search(r'<section id="throughput">.*?</section>', text, re.S).group(0)
+    rows = {c[0]: c[-1] for c in (re.findall(r"<td[^>]*>([^<]*)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", table)[1:])}
+    assert rows == {"decode": "–", "min_side": "–", "clip": "1.091", "writer": "–"}
+
+
 def test_change_against_previous_run_compares_reject_rates_and_score_means():
     prev = {"run_id": "a", "rows_in": 100, "rejected": 10, "rejected_by_reason": {"min_side:too_small": 10},
             "scores": {"clip_score": {"mean": 0.25}}}
