@@ -260,7 +260,8 @@ class ModelOperator(Operator):
     def run_chunks(self, batch: pa.Table, rows: list[int], prepare: Callable[[bytes], Any],
                    forward: Callable[[list[int], dict[int, Any]], Sequence[Any]], size: Any = None,
                    prepared_bytes: int = 0, ready: list[Any] | None = None,
-                   unpack: Callable[[Any], Any] | None = None) -> tuple[dict[int, Any], dict[int, str]]:
+                   unpack: Callable[[Any], Any] | None = None,
+                   data: Sequence[bytes | None] | None = None) -> tuple[dict[int, Any], dict[int, str]]:
         """Prepare ``rows`` ahead on the decode threads and run ``forward`` chunk by chunk.
 
         ``prepare(image_bytes)`` turns one row's encoded image into model input (on a pool
@@ -268,11 +269,12 @@ class ModelOperator(Operator):
         (through :meth:`run_split`, so out-of-memory halves the chunk). ``size`` and
         ``prepared_bytes`` feed the in-flight byte budget (see :func:`pixel_charge`).
         ``ready`` (per row, or None) holds inputs a CPU task stage already prepared; such a row
-        is only ``unpack``-ed, and costs ``prepared_bytes``.
+        is only ``unpack``-ed, and costs ``prepared_bytes``. ``data``: the batch's image bytes when
+        the caller already took them out of the batch (:func:`image_bytes`).
         Returns ({row: result}, {row: reason}); a row whose bytes do not decode is ``bad_image``.
         """
         cfg: ModelConfig = self.config
-        data = image_bytes(batch)
+        data = image_bytes(batch) if data is None else data
         results: dict[int, Any] = {}
         reasons: dict[int, str] = {}
 

@@ -234,13 +234,14 @@ class Captioner(ModelOperator):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = pending_rows(batch)
+        data = image_bytes(batch)
         if self.shape_buckets:  # a chunk's prompts are padded to its longest: chunks of alike images
-            rows = alike_shapes_together(rows, image_bytes(batch))
+            rows = alike_shapes_together(rows, data)
         keys = batch["key"].to_pylist() if "key" in batch.column_names else [str(i) for i in range(batch.num_rows)]
         results, reasons = self.run_chunks(
             batch, rows, self.prepare,
             lambda chunk, images: self.generate([images[i] for i in chunk], [keys[i] for i in chunk]),
-            size=self.image_size)
+            size=self.image_size, data=data)
         captions = [results.get(i) for i in range(batch.num_rows)]
         (column,) = self.outputs(self.config)
         return self.finish(batch, {column: pa.array(captions, type=pa.string())}, reasons)
