@@ -228,6 +228,31 @@ def _counted_actor_class(cls: type[Operator]) -> type:
     return type(cls.__name__, (InstrumentedStage,), {"__init__": __init__})
 
 
+# Batches queued on each actor of a pool of several CPU actors: the next batch is already in the
+# actor when it returns the current one. With one, each actor idled between batches while the
+# driver saw the result and sent the next (2 cores, 48 shards x 256 rows through a one-layer
+# `clip`: the two actors kept 1.55 cores busy with one in flight, 1.68 with two).
+CPU_ACTOR_BATCHES_IN_FLIGHT = 2
+
+
+def batches_in_flight(res: Resources) -> int | None:
+    """``max_tasks_in_flight_per_actor`` for an actor pool (None: Ray's default of 4).
+
+    Several CPU actors get :data:`CPU_ACTOR_BATCHES_IN_FLIGHT`, and the run waits for all of them
+    to be ready before dispatching (:func:`waits_for_actors`): otherwise the first actor ready
+    takes batches while the others still load the model, and a short run ends on one
+    single-threaded actor (seen: 2 batches, 1 worker). A GPU actor, or a single actor, keeps
+    Ray's default: its next batches' transfer overlaps the current forward.
+    """
+    return CPU_ACTOR_BATCHES_IN_FLIGHT if (res.max_actors or 1) > 1 and not res.num_gpus else None
+
+
+def waits_for_actors(steps: list[OperatorStep]) -> bool:
+    """Whether the run waits for its pools' first actors before dispatching any batch (see
+    :func:`batches_in_flight`): when a pool of several CPU actors queues batches per actor."""
+    return any(s.resources.uses_actors and batches_in_flight(s.resources) for s in steps)
+
+
 def lower(ds, step: OperatorStep, stage: str | None = None, collector: Any = None):
     """Apply one operator to a Ray Dataset according to its declared resources.
 
@@ -243,14 +268,9 @@ def lower(ds, step: OperatorStep, stage: str | None = None, collector: Any = Non
     if res.num_gpus:
         common["num_gpus"] = res.num_gpus
     if res.uses_actors:
-        # Several CPU actors: a batch goes to an actor only when it is free. Ray's default queues
-        # up to 4 batches on the first actor that is ready while the others still load the model,
-        # and a short run then ends on one single-threaded actor (seen: 2 batches, 1 worker).
-        # A GPU actor keeps the default: the next batch's transfer overlaps the current forward.
-        in_flight = 1 if (res.max_actors or 1) > 1 and not res.num_gpus else None
         return ds.map_batches(_counted_actor_class(step.cls), fn_constructor_args=(step.config, stage, collector),
                               compute=ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors,
-                                                        max_tasks_in_flight_per_actor=in_flight),
+                                                        max_tasks_in_flight_per_actor=batches_in_flight(res)),
                               **common)
     return ds.map_batches(_task_fn(step.cls, step.config, stage, collector), **common)
 
@@ -258,6 +278,7 @@ def lower(ds, step: OperatorStep, stage: str | None = None, collector: Any = Non
 def build_dataset(cfg: PipelineConfig, plan: Plan, run_id: str, file_meta: dict[str, Any]):
     """The full Ray Data plan: read pending shards -> operators -> staging writer records."""
     import ray.data
+    from ray.data.context import DEFAULT_WAIT_FOR_MIN_ACTORS_S
 
     from pipelines.datasource import ShardDatasource
     from operators.writers.parquet import StagingParquetWriter
@@ -274,6 +295,12 @@ def build_dataset(cfg: PipelineConfig, plan: Plan, run_id: str, file_meta: dict[
     # small run with the derived CPU actors; harmless there, and noise a user could not act on.
     warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
     read_compute = TaskPoolStrategy(size=cfg.input.read_concurrency) if cfg.input.read_concurrency else None
+    # Ray Data starts the actor pools with the plan and, when asked, blocks until their first
+    # actors are ready (bounded like any stall; pipelines.runner names a timeout). The setting
+    # is global to this process's DataContext, so it is set either way; Ray's own default is
+    # restored when no pool queues batches.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = (
+        math.ceil(cfg.ray.no_progress_timeout_s) if waits_for_actors(steps) else DEFAULT_WAIT_FOR_MIN_ACTORS_S)
     ds = ray.data.read_datasource(ShardDatasource(reader, plan.pending), override_num_blocks=len(plan.pending),
                                   num_cpus=light_share(node), compute=read_compute)
     collector = start_collector(run_id)

@@ -574,6 +574,12 @@ def _run_plan(cfg: PipelineConfig, plan: Plan, shards: list[str], run_id: str, m
             raise StalledError(f"the Ray plan made no progress for {cfg.ray.no_progress_timeout_s:g}s "
                                "(ray.no_progress_timeout_s): an operator is waiting for resources the cluster "
                                "cannot give, or a task hangs") from None
+        if "Timed out while starting actors" in str(exc):  # Ray Data's wait for a pool's first actors
+            steps = resolve_resources(plan.steps, cluster_node_shape())
+            pools = ", ".join(f"{s.name} x{s.resources.min_actors}" for s in steps if s.resources.uses_actors)
+            raise StalledError(f"the model actors ({pools}) were not all ready after "
+                               f"{cfg.ray.no_progress_timeout_s:g}s (ray.no_progress_timeout_s): the cluster cannot "
+                               "give them the resources they ask for, or loading the model takes longer") from None
         raise
     # The stream ended without error, so every read task finished and reported an outcome.
     for shard, p in progress.items():

@@ -128,3 +128,22 @@ def test_the_plan_shows_unset_cpus_as_derived(tmp_path):
     described = [s.resources.num_cpus for s in steps_for(tmp_path, DECODE_CLIP)]
     # nothing is decided from the machine that builds the plan
     assert described == [None, None]
+
+
+def test_several_cpu_actors_queue_two_batches_each_and_make_the_run_wait_for_them(tmp_path):
+    """A pool of several CPU actors keeps the next batch queued in each actor (no idle gap
+    between batches) and makes the run wait for its actors before dispatching (else the first
+    one ready takes the queued batches alone); a GPU actor or a single actor keeps Ray's default."""
+    from pipelines.plan import batches_in_flight, waits_for_actors
+
+    two_cores = NodeShape(cpus=2)
+    cpu = by_name(resolve_resources(steps_for(tmp_path, DECODE_CLIP), two_cores))
+    assert cpu["clip"].resources.max_actors == 2 and batches_in_flight(cpu["clip"].resources) == 2
+    assert waits_for_actors(list(cpu.values()))
+    one = resolve_resources(steps_for(tmp_path, [{"clip": {"model": "/m", "resources": {"max_actors": 1}}}]), two_cores)
+    assert batches_in_flight(one[0].resources) is None and not waits_for_actors(one)
+    gpu = resolve_resources(steps_for(tmp_path, [{"clip": {"model": "/m", "resources": {"num_gpus": 1, "max_actors": 2}}}]),
+                            NodeShape(cpus=16, cpus_per_gpu=8))
+    assert all(batches_in_flight(s.resources) is None for s in gpu) and not waits_for_actors(gpu)
+    decode_only = resolve_resources(steps_for(tmp_path, [{"decode": {}}]), two_cores)
+    assert not waits_for_actors(decode_only)
