@@ -38,7 +38,8 @@ class LockHeldError(MmcurateError):
 
 
 class StalledError(MmcurateError):
-    """The Ray plan made no progress for ``ray.no_progress_timeout_s`` (exit status 1)."""
+    """The Ray plan made no progress, or its model actors were not ready, within
+    ``ray.no_progress_timeout_s`` (exit status 1)."""
 
     exit_code = 1
 
