@@ -542,6 +542,20 @@ def _run_locked(cfg: PipelineConfig, summary: RunSummary, ledger: Ledger, lock: 
                          cfg.input.quarantine_after, why)
 
 
+def _stall_message(cfg: PipelineConfig, plan: Plan, error: str) -> str | None:
+    """Our one line for Ray Data's two ways of giving up on a plan that cannot go on, else None."""
+    if "made no progress" in error:
+        return (f"the Ray plan made no progress for {cfg.ray.no_progress_timeout_s:g}s (ray.no_progress_timeout_s): "
+                "an operator is waiting for resources the cluster cannot give, or a task hangs")
+    if "Timed out while starting actors" in error:  # Ray Data's wait for a pool's first actors
+        steps = resolve_resources(plan.steps, cluster_node_shape())
+        pools = ", ".join(f"{s.name} x{s.resources.min_actors}" for s in steps if s.resources.uses_actors)
+        return (f"the model actors ({pools}) were not all ready after {cfg.ray.no_progress_timeout_s:g}s "
+                "(ray.no_progress_timeout_s): the cluster cannot give them the resources they ask for, or loading "
+                "the model takes longer")
+    return None
+
+
 def _run_plan(cfg: PipelineConfig, plan: Plan, shards: list[str], run_id: str, meta: dict[str, Any],
               commit) -> dict[str, str]:
     """Run one Ray plan over ``shards``, committing each as it completes; returns {failed shard: why}."""
@@ -549,6 +563,7 @@ def _run_plan(cfg: PipelineConfig, plan: Plan, shards: list[str], run_id: str, m
     progress: dict[str, ShardProgress] = {}
     failed: dict[str, str] = {}
     done: set[str] = set()
+    stalled = None
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for rec in batch.to_pylist():
@@ -570,17 +585,13 @@ def _run_plan(cfg: PipelineConfig, plan: Plan, shards: list[str], run_id: str, m
                     commit(progress.pop(shard))
                     done.add(shard)
     except Exception as exc:
-        if "made no progress" in str(exc):
-            raise StalledError(f"the Ray plan made no progress for {cfg.ray.no_progress_timeout_s:g}s "
-                               "(ray.no_progress_timeout_s): an operator is waiting for resources the cluster "
-                               "cannot give, or a task hangs") from None
-        if "Timed out while starting actors" in str(exc):  # Ray Data's wait for a pool's first actors
-            steps = resolve_resources(plan.steps, cluster_node_shape())
-            pools = ", ".join(f"{s.name} x{s.resources.min_actors}" for s in steps if s.resources.uses_actors)
-            raise StalledError(f"the model actors ({pools}) were not all ready after "
-                               f"{cfg.ray.no_progress_timeout_s:g}s (ray.no_progress_timeout_s): the cluster cannot "
-                               "give them the resources they ask for, or loading the model takes longer") from None
-        raise
+        stalled = _stall_message(cfg, plan, str(exc))
+        if stalled is None:
+            raise
+    if stalled:
+        # Raised outside the handler, so Ray's exception (whose traceback holds the plan's actor
+        # handles, keeping a half-started pool alive in a long-lived process) is not its context.
+        raise StalledError(stalled)
     # The stream ended without error, so every read task finished and reported an outcome.
     for shard, p in progress.items():
         failed[shard] = (f"stream ended with {p.rows} rows written of "
