@@ -588,6 +588,7 @@ def _run_plan(cfg: PipelineConfig, plan: Plan, shards: list[str], run_id: str, m
         stalled = _stall_message(cfg, plan, str(exc))
         if stalled is None:
             raise
+        logger.debug("Ray's own error behind the stall", exc_info=True)  # --log-level DEBUG shows it
     if stalled:
         # Raised outside the handler, so Ray's exception (whose traceback holds the plan's actor
         # handles, keeping a half-started pool alive in a long-lived process) is not its context.
