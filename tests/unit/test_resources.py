@@ -147,3 +147,46 @@ def test_several_cpu_actors_queue_two_batches_each_and_make_the_run_wait_for_the
     assert all(batches_in_flight(s.resources) is None for s in gpu) and not waits_for_actors(gpu)
     decode_only = resolve_resources(steps_for(tmp_path, [{"decode": {}}]), two_cores)
     assert not waits_for_actors(decode_only)
+
+
+def test_local_shards_are_read_inside_a_first_pool_of_cpu_model_actors_and_nowhere_else(tmp_path):
+    """Reads fuse into the model actors only where that is cheaper and Ray can fuse them: the
+    first pool is of CPU model actors with only derived light steps before it, the shards are
+    local files, read_concurrency is unset. The steps before it take its CPUs, no batch size."""
+    from pipelines.plan import reads_in_actors
+
+    clip = [{"clip": {"model": "/models/clip"}}]
+
+    def fused(operators, paths=None, **extra):
+        cfg = make_config(paths or [str(tmp_path / "*.tar")], str(tmp_path / "out"), operators=operators, **extra)
+        steps = operator_steps(cfg)
+        at = reads_in_actors(cfg, steps)
+        return None if at is None else steps[at].name
+
+    assert fused(clip) == "clip"
+    assert fused(clip, paths=[f"file://{tmp_path}/a.tar"]) == "clip"
+    assert fused([{"text_embed": {"model": "/models/st"}}]) == "text_embed"
+    assert fused(clip, paths=["s3://bucket/shards/*.tar"]) is None  # the network wait stays in read tasks
+    assert fused(clip, paths=[str(tmp_path / "a.tar"), "s3://bucket/b.tar"]) is None
+    assert fused(clip, read_concurrency=2) is None  # Ray fuses no read with a task pool size of its own
+    assert fused(DECODE_CLIP) == "clip"
+    assert fused([{"decode": {"resources": {"num_cpus": 0.5}}}, *clip]) is None  # an explicit setting wins
+    gpu_first = [{"clip": {"model": "/m", "resources": {"num_gpus": 1}}}, {"text_embed": {"model": "/st"}}]
+    assert fused(gpu_first) is None  # the first pool has a GPU
+    assert fused([{"clip": {"model": "/m", "resources": {"num_gpus": 1}}}]) is None
+    assert fused([{"decode": {}}]) is None  # no model pool at all
+
+
+def test_the_steps_before_the_actors_that_read_take_their_cpus_and_no_batch_size(tmp_path):
+    from pipelines.plan import fuse_into_actors
+
+    cfg = make_config([str(tmp_path / "*.tar")], str(tmp_path / "out"),
+                      operators=[{"decode": {}}, {"min_side": {"min": 32}}, {"clip": {"model": "/m"}}, {"decode": {}}])
+    configured = operator_steps(cfg)
+    steps, pool = fuse_into_actors(cfg, configured, resolve_resources(configured, NodeShape(cpus=2)))
+    assert pool.name == "clip" and pool.resources.num_cpus == 0.75
+    assert [(s.resources.num_cpus, s.resources.batch_size) for s in steps[:2]] == [(0.75, None), (0.75, None)]
+    assert steps[2] is pool and steps[3].resources.num_cpus == light_share(NodeShape(cpus=2))  # after: unchanged
+    s3 = make_config(["s3://b/*.tar"], str(tmp_path / "out"), operators=[{"decode": {}}, {"clip": {"model": "/m"}}])
+    steps3 = resolve_resources(operator_steps(s3), NodeShape(cpus=2))
+    assert fuse_into_actors(s3, operator_steps(s3), steps3) == (steps3, None)
