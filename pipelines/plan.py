@@ -331,7 +331,8 @@ def lower(ds, step: OperatorStep, stage: str | None = None, collector: Any = Non
     if res.num_gpus:
         common["num_gpus"] = res.num_gpus
     if res.uses_actors:
-        return ds.map_batches(_counted_actor_class(step.cls, res.batch_size if reads else None), fn_constructor_args=(step.config, stage, collector),
+        actor = _counted_actor_class(step.cls, res.batch_size if reads else None)
+        return ds.map_batches(actor, fn_constructor_args=(step.config, stage, collector),
                               compute=ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors,
                                                         max_tasks_in_flight_per_actor=batches_in_flight(res)),
                               **common)

@@ -27,7 +27,8 @@ from tests.helpers import make_config
 def test_local_shards_are_read_inside_the_cpu_actors_which_still_run_batch_size_rows_a_call(
         ray_session, tmp_path, tiny_models):
     shards = make_webdataset_shards(tmp_path / "in", n_shards=2, samples_per_shard=20, seed=6)
-    rows = [len({m.name.split(".", 1)[0] for m in tarfile.open(s) if m.isfile()}) for s in shards]  # bad samples too
+    # rows per shard, the generator's bad samples included
+    rows = [len({m.name.split(".", 1)[0] for m in tarfile.open(s) if m.isfile()}) for s in shards]
     cfg = make_config([str(tmp_path / "in" / "*.tar")], str(tmp_path / "out"),
                       operators=[{"decode": {}}, {"clip": {"model": tiny_models["clip"], "resources": {"batch_size": 10}}}])
     summary = run(cfg)
