@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass, replace
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 
 from operators.base import Operator, OperatorConfig, Resources, registry
@@ -17,6 +16,7 @@ from operators.readers import make_reader
 from pipelines.config import PipelineConfig
 from ground.errors import ConfigError
 from ground.layout import shard_tag
+from ground.storage import filesystem, is_local
 from ground.schema import INTERNAL_FIELDS, READER_SCHEMA
 from pipelines.ledger import Ledger
 from pipelines.stats import WRITER_STAGE, InstrumentedStage, stage_names, start_collector
@@ -287,7 +287,7 @@ def reads_in_actors(cfg: PipelineConfig, steps: list[OperatorStep]) -> int | Non
     """
     if cfg.input.read_concurrency:
         return None
-    if any((fsspec.core.split_protocol(p)[0] or "file") not in ("file", "local") for p in cfg.input.paths):
+    if not all(is_local(filesystem(p, cfg.input.storage_options)[0]) for p in cfg.input.paths):
         return None
     for at, step in enumerate(steps):
         res = step.resources
