@@ -59,6 +59,8 @@ class NodeShape:
     cpus: float
     #: CPUs per GPU on the GPU nodes (the smallest ratio among them), None without GPUs
     cpus_per_gpu: float | None = None
+    #: alive nodes with CPUs
+    nodes: int = 1
 
 
 def cluster_node_shape() -> NodeShape:
@@ -68,7 +70,8 @@ def cluster_node_shape() -> NodeShape:
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     cpus = max((r.get("CPU", 0.0) for r in nodes), default=0.0) or 1.0
     ratios = [r.get("CPU", 0.0) / r["GPU"] for r in nodes if r.get("GPU")]
-    return NodeShape(cpus=cpus, cpus_per_gpu=min(ratios) if ratios else None)
+    return NodeShape(cpus=cpus, cpus_per_gpu=min(ratios) if ratios else None,
+                     nodes=max(1, sum(1 for r in nodes if r.get("CPU"))))
 
 
 def headroom(node: NodeShape) -> float:
@@ -93,7 +96,11 @@ def resolve_resources(steps: list[OperatorStep], node: NodeShape) -> list[Operat
       per task where the node's headroom holds one (4 CPUs and up), else a light share: on a
       4-CPU GPU node, three decode processes rather than twelve at a quarter CPU, each holding
       torch and transformers in memory; a whole CPU never exceeds what CPU model actors leave;
-    * everything else (decode, filters, heads) a light share.
+    * everything else (decode, filters, heads) a light share;
+    * a light operator on actors (``heads``: a small MLP on an embedding) whose ``max_actors``
+      is unset starts ``min_actors`` and grows on demand to one per node: one actor scores far
+      more rows a second than a node's model actors produce, and Ray's own default, no bound,
+      lets the pool grow to an actor per light share (eight on 2 cores, each holding torch).
 
     The resolved value travels in the step's config too (``config.resources``): it is what
     Ray reserves for each actor, from which the actor sizes its torch and decode threads.
@@ -110,10 +117,15 @@ def resolve_resources(steps: list[OperatorStep], node: NodeShape) -> list[Operat
         n = max(res.min_actors, 1 if res.num_gpus or res.num_cpus is not None else per_op)
         return res.model_copy(update={"max_actors": n, "min_actors": n})
 
+    def light_pool(res: Resources) -> Resources:
+        if not res.uses_actors or res.max_actors is not None:
+            return res
+        return res.model_copy(update={"max_actors": max(res.min_actors, node.nodes)})
+
     actors = sum(pool(s.resources).max_actors for s in auto_cpu_heavy)
     out = []
     for s in steps:
-        res = pool(s.resources) if s.cls.heavy else s.resources
+        res = pool(s.resources) if s.cls.heavy else light_pool(s.resources)
         if res.num_cpus is None:
             if s.cls.heavy and res.num_gpus and getattr(s.config, "prepares_in_tasks", False):
                 cpus = GPU_ACTOR_CPUS_WITH_PREPARE_STAGE  # its images arrive decoded and resized
@@ -339,6 +351,10 @@ def lower(ds, step: OperatorStep, stage: str | None = None, collector: Any = Non
     return ds.map_batches(_task_fn(step.cls, step.config, stage, collector), **common)
 
 
+def _pool_size(res: Resources) -> str:
+    return f"{res.max_actors}" if res.min_actors == res.max_actors else f"{res.min_actors}..{res.max_actors}"
+
+
 def build_dataset(cfg: PipelineConfig, plan: Plan, run_id: str, file_meta: dict[str, Any]):
     """The full Ray Data plan: read pending shards -> operators -> staging writer records."""
     import ray.data
@@ -353,7 +369,7 @@ def build_dataset(cfg: PipelineConfig, plan: Plan, run_id: str, file_meta: dict[
     node = cluster_node_shape()
     steps = resolve_resources(plan.steps, node)
     logger.info("node %g CPUs: %s", node.cpus, ", ".join(
-        f"{s.name} {s.resources.num_cpus:g} CPU" + (f" x{s.resources.max_actors} actors" if s.resources.uses_actors else "")
+        f"{s.name} {s.resources.num_cpus:g} CPU" + (f" x{_pool_size(s.resources)} actors" if s.resources.uses_actors else "")
         for s in steps) or "no operators")
     # Ray Data warns when a pool starts more actors (min_actors) than it has received blocks: a
     # small run with the derived CPU actors; harmless there, and noise a user could not act on.
