@@ -66,8 +66,16 @@ def _tmp_leftovers() -> set[str]:
     return {str(p.relative_to(SYSTEM_TMP)) for pattern in TMP_LEFTOVERS for p in SYSTEM_TMP.glob(pattern)}
 
 
+def _keep_file_order(config) -> None:
+    """xdist hands out files in collection order (``--no-loadscope-reorder``) unless the
+    command line asks for its reordering (``--loadscope-reorder``)."""
+    if hasattr(config.option, "loadscopereorder") and "--loadscope-reorder" not in config.invocation_params.args:
+        config.option.loadscopereorder = False
+
+
 def pytest_configure(config):
     """Set the suite's environment before any test module is imported; remember how to undo it."""
+    _keep_file_order(config)
     root = Path(tempfile.mkdtemp(prefix="mmcurate-tests-"))
     # Every Ray the tests start (the session's, a subprocess run's own) keeps its session folder
     # (logs, sockets, spilled objects) here instead of /tmp/ray, where they would stay after the
@@ -254,7 +262,16 @@ def tiny_models(tmp_path_factory) -> TinyModels:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip `gpu`-marked tests on machines without CUDA (this one, CI)."""
+    """Longest files first; skip `gpu`-marked tests on machines without CUDA (this one, CI).
+
+    With ``-n 2 --dist loadfile`` each worker takes the next file when it is done, in this
+    order (:func:`_keep_file_order`: xdist would otherwise put the files with the most tests
+    first, which left the end-to-end files, a minute or two each, for last and one worker idle
+    while the other finished them). Files with `slow` tests go first, then
+    the other integration files, then the unit tests, which fill in at the end.
+    """
+    slow_files = {item.path for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: 0 if item.path in slow_files else 1 if "integration" in item.path.parts else 2)
     try:
         import torch
 
