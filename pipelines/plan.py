@@ -100,7 +100,8 @@ def resolve_resources(steps: list[OperatorStep], node: NodeShape) -> list[Operat
     * a light operator on actors (``heads``: a small MLP on an embedding) whose ``max_actors``
       is unset starts ``min_actors`` and grows on demand to one per node: one actor scores far
       more rows a second than a node's model actors produce, and Ray's own default, no bound,
-      lets the pool grow to an actor per light share (eight on 2 cores, each holding torch).
+      lets the pool grow to as many actors as the node's CPUs hold at a light share (sixteen
+      at 0.125 CPU on 2 cores, each holding torch).
 
     The resolved value travels in the step's config too (``config.resources``): it is what
     Ray reserves for each actor, from which the actor sizes its torch and decode threads.
@@ -369,7 +370,8 @@ def build_dataset(cfg: PipelineConfig, plan: Plan, run_id: str, file_meta: dict[
     node = cluster_node_shape()
     steps = resolve_resources(plan.steps, node)
     logger.info("node %g CPUs: %s", node.cpus, ", ".join(
-        f"{s.name} {s.resources.num_cpus:g} CPU" + (f" x{_pool_size(s.resources)} actors" if s.resources.uses_actors else "")
+        f"{s.name} {s.resources.num_cpus:g} CPU"
+        + (f" x{_pool_size(s.resources)} actors" if s.resources.uses_actors else "")
         for s in steps) or "no operators")
     # Ray Data warns when a pool starts more actors (min_actors) than it has received blocks: a
     # small run with the derived CPU actors; harmless there, and noise a user could not act on.

@@ -60,11 +60,12 @@ def test_a_gpu_model_or_a_set_num_cpus_keeps_one_actor_and_set_counts_win(tmp_pa
 @pytest.mark.parametrize("node, pool", [(NodeShape(cpus=2), (1, 1)), (NodeShape(cpus=16, nodes=4), (1, 4)),
                                         (NodeShape(cpus=96, cpus_per_gpu=12, nodes=100), (1, 100))])
 def test_a_head_on_actors_grows_on_demand_to_one_actor_per_node_and_set_counts_win(tmp_path, node, pool):
-    # Ray's own default for an unset max_actors is no bound: on 2 cores, up to eight heads actors
-    # at a light share each, every one holding torch.
+    # Ray's own default for an unset max_actors is no bound: on 2 cores, up to sixteen heads
+    # actors at a 0.125-CPU light share, every one holding torch.
     head = by_name(resolve_resources(steps_for(tmp_path, DEMO_LIKE), node))["aesthetic"]
     assert head.resources.uses_actors and (head.resources.min_actors, head.resources.max_actors) == pool
-    ops = [{"clip": {"model": "/m/clip"}}, {"aesthetic": {"weights": "/m/h.safetensors", "resources": {"min_actors": 2}}},
+    ops = [{"clip": {"model": "/m/clip"}},
+           {"aesthetic": {"weights": "/m/h.safetensors", "resources": {"min_actors": 2}}},
            {"head": {"weights": "/m/n.safetensors", "output": "nsfw_score", "resources": {"max_actors": 3}}}]
     steps = by_name(resolve_resources(steps_for(tmp_path, ops), node))
     assert (steps["aesthetic"].resources.min_actors, steps["aesthetic"].resources.max_actors) == (2, max(2, pool[1]))
