@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,12 @@ class Resources(BaseModel):
     batch_size: int | None = Field(256, ge=1)
     min_actors: int = Field(1, ge=1)
     max_actors: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _actor_range(self) -> Resources:
+        if self.max_actors is not None and self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) is greater than max_actors ({self.max_actors})")
+        return self
 
     @property
     def uses_actors(self) -> bool:

@@ -74,9 +74,11 @@ def test_basic_yaml_values_reach_the_operator_configs():
     (lambda d: d["operators"].append({"sharpness": {"min": 1}}), "unknown operator 'sharpness'"),
     (lambda d: d["operators"][3]["file_bytes"].update(min=10**9),
      "min (1000000000) is greater than max (20000000)"),
+    (lambda d: d["operators"][0]["decode"].update(resources={"min_actors": 3, "max_actors": 2}),
+     "min_actors (3) is greater than max_actors (2)"),
 ], ids=["top-level", "nested", "input", "operator-key", "operator-value", "operator-type", "literal",
         "output-literal", "ray", "missing-section", "missing-nested", "operator-missing", "unknown-operator",
-        "operator-range"])
+        "operator-range", "actor-range"])
 def test_bad_config_is_one_line_naming_file_key_and_value(tmp_path, mutate, expected):
     data = basic_dict()
     mutate(data)
